@@ -1,0 +1,301 @@
+"""HTTP in and out. Requests are validated completely here, before anything is queued."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from backend.catalog import ModelSpec
+from backend.params import SEED_MAX, GenerationParams, random_seed
+from backend.schedulers import SCHEDULER_NAMES
+
+from .images import ImageInputError, decode_base64_image, open_image
+from .models import GeneratedImage, Generation
+from .selectors import model_catalog
+
+
+def limits() -> dict[str, Any]:
+    return settings.GENERATION_LIMITS
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """Integers only: 512 or "512", but not 512.5, true or "5e2"."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or (isinstance(data, float) and not data.is_integer()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class FiniteFloatField(serializers.FloatField):
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            raise serializers.ValidationError(f"{self.field_name} must be a finite number, got {data!r}")
+        return value
+
+
+@extend_schema_field({"type": "string", "description": "base64, a data: URL, or a multipart file"})
+class ImageInputField(serializers.Field):
+    """A multipart file, or a JSON string holding base64 or a ``data:`` URL."""
+
+    default_error_messages = {"required": "image is required for img2img (a multipart file or base64 string)"}
+
+    def to_internal_value(self, data: Any) -> Any:
+        lim = limits()
+        try:
+            if isinstance(data, UploadedFile):
+                if data.size is not None and data.size > lim["MAX_UPLOAD_BYTES"]:
+                    raise ImageInputError(f"the image must be at most {lim['MAX_UPLOAD_BYTES']} bytes, got {data.size}")
+                raw = data.read(lim["MAX_UPLOAD_BYTES"] + 1)
+            elif isinstance(data, str):
+                if not data.strip():
+                    raise ImageInputError("the image is empty")
+                raw = decode_base64_image(data, max_bytes=lim["MAX_UPLOAD_BYTES"])
+            else:
+                raise ImageInputError("image must be a file upload or a base64 string")
+            return open_image(raw, max_bytes=lim["MAX_UPLOAD_BYTES"], max_pixels=lim["MAX_UPLOAD_PIXELS"])
+        except ImageInputError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def to_representation(self, value: Any) -> Any:  # pragma: no cover - write-only
+        return None
+
+
+class Txt2ImgRequestSerializer(serializers.Serializer):
+    kind = "txt2img"
+
+    prompt = serializers.CharField(trim_whitespace=False, allow_blank=False)
+    negative_prompt = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False, default="")
+    model_id = serializers.CharField(required=False)
+    width = StrictIntegerField(required=False)
+    height = StrictIntegerField(required=False)
+    steps = StrictIntegerField(required=False)
+    guidance_scale = FiniteFloatField(required=False)
+    seed = StrictIntegerField(required=False, allow_null=True)
+    num_images = StrictIntegerField(required=False, default=1)
+    scheduler = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    response_format = serializers.ChoiceField(choices=["url", "b64_json"], required=False, default="url")
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        # "async" is a Python keyword, so it can't be a class attribute.
+        fields["async"] = serializers.BooleanField(required=False, default=False)
+        return fields
+
+    # -- whole-request checks ------------------------------------------------------------
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if hasattr(data, "keys"):
+            allowed = set(self.fields)
+            unknown = sorted(set(data.keys()) - allowed)
+            if unknown:
+                raise serializers.ValidationError(
+                    {name: [f"unknown field {name!r}; allowed fields: {', '.join(sorted(allowed))}"] for name in unknown}
+                )
+        elif data is not None:
+            raise serializers.ValidationError({"non_field_errors": ["the request body must be a JSON object"]})
+        return super().to_internal_value(data)
+
+    def validate_prompt(self, value: str) -> str:
+        cap = limits()["MAX_PROMPT_CHARS"]
+        if len(value) > cap:
+            raise serializers.ValidationError(f"prompt must be at most {cap} characters, got {len(value)}")
+        if not value.strip():
+            raise serializers.ValidationError("prompt must not be blank")
+        return value
+
+    def validate_negative_prompt(self, value: str) -> str:
+        cap = limits()["MAX_PROMPT_CHARS"]
+        if len(value) > cap:
+            raise serializers.ValidationError(f"negative_prompt must be at most {cap} characters, got {len(value)}")
+        return value
+
+    def validate_model_id(self, value: str) -> str:
+        catalog = model_catalog()
+        if value not in catalog:
+            raise serializers.ValidationError(
+                f"model_id must be one of {', '.join(sorted(catalog))}, got {value[:100]!r}"
+            )
+        return value
+
+    def _size(self, name: str, value: int) -> int:
+        lo, hi = limits()["MIN_SIZE"], limits()["MAX_SIZE"]
+        if value % 8 or not lo <= value <= hi:
+            raise serializers.ValidationError(f"{name} must be a multiple of 8 between {lo} and {hi}, got {value}")
+        return value
+
+    def validate_width(self, value: int) -> int:
+        return self._size("width", value)
+
+    def validate_height(self, value: int) -> int:
+        return self._size("height", value)
+
+    def validate_steps(self, value: int) -> int:
+        cap = limits()["MAX_STEPS"]
+        if not 1 <= value <= cap:
+            raise serializers.ValidationError(f"steps must be between 1 and {cap}, got {value}")
+        return value
+
+    def validate_guidance_scale(self, value: float) -> float:
+        lo, hi = limits()["MIN_GUIDANCE"], limits()["MAX_GUIDANCE"]
+        if not lo <= value <= hi:
+            raise serializers.ValidationError(f"guidance_scale must be between {lo} and {hi}, got {value}")
+        return value
+
+    def validate_seed(self, value: int | None) -> int | None:
+        if value is not None and value != -1 and not 0 <= value <= SEED_MAX:
+            raise serializers.ValidationError(f"seed must be between 0 and {SEED_MAX}, or -1 for random, got {value}")
+        return value
+
+    def validate_num_images(self, value: int) -> int:
+        cap = limits()["MAX_NUM_IMAGES"]
+        if not 1 <= value <= cap:
+            raise serializers.ValidationError(f"num_images must be between 1 and {cap}, got {value}")
+        return value
+
+    def validate_scheduler(self, value: str | None) -> str | None:
+        if value in (None, "", "default"):
+            return None
+        if value not in SCHEDULER_NAMES:
+            raise serializers.ValidationError(
+                f"scheduler must be one of {', '.join(SCHEDULER_NAMES)} (or omitted for the model's default), got {value[:50]!r}"
+            )
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        model_id = attrs.get("model_id") or settings.DEFAULT_MODEL
+        catalog = model_catalog()
+        if model_id not in catalog:
+            raise serializers.ValidationError(
+                {"model_id": [f"model_id must be one of {', '.join(sorted(catalog))}, got {model_id!r} (DEFAULT_MODEL)"]}
+            )
+        spec: ModelSpec = catalog[model_id]
+        width = attrs.get("width") or spec.default_size
+        height = attrs.get("height") or spec.default_size
+        steps = attrs.get("steps") or spec.default_steps
+        steps = min(steps, limits()["MAX_STEPS"])
+        num_images = attrs.get("num_images", 1)
+        work = width * height * num_images * steps
+        cap = limits()["MAX_TOTAL_WORK"]
+        if work > cap:
+            raise serializers.ValidationError(
+                {
+                    "non_field_errors": [
+                        f"width x height x num_images x steps must be at most {cap}, got "
+                        f"{width}x{height}x{num_images}x{steps} = {work}"
+                    ]
+                }
+            )
+        seed = attrs.get("seed")
+        guidance = attrs.get("guidance_scale")
+        attrs["resolved"] = GenerationParams(
+            kind=self.kind,
+            model_id=model_id,
+            prompt=attrs["prompt"],
+            negative_prompt=attrs.get("negative_prompt", ""),
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=spec.default_guidance_scale if guidance is None else guidance,
+            seed=random_seed() if seed is None or seed == -1 else seed,
+            num_images=num_images,
+            scheduler=attrs.get("scheduler"),
+            strength=attrs.get("strength"),
+        )
+        return attrs
+
+
+class Img2ImgRequestSerializer(Txt2ImgRequestSerializer):
+    kind = "img2img"
+
+    image = ImageInputField()
+    strength = FiniteFloatField(required=False, default=0.75)
+
+    def validate_strength(self, value: float) -> float:
+        if not 0 < value <= 1:
+            raise serializers.ValidationError(f"strength must be in (0, 1], got {value}")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        params: GenerationParams = attrs["resolved"]
+        effective = int(params.steps * params.strength)
+        if effective < 1:
+            raise serializers.ValidationError(
+                {"strength": [f"steps x strength must be at least 1, got {params.steps} x {params.strength} = {params.steps * params.strength:g}"]}
+            )
+        return attrs
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GeneratedImage
+        fields = ["url", "seed", "width", "height", "index"]
+
+    def get_url(self, obj: GeneratedImage) -> str:
+        url = settings.MEDIA_URL + obj.file
+        request = self.context.get("request")
+        return request.build_absolute_uri(url) if request is not None else url
+
+
+class ProgressField(serializers.JSONField):
+    pass
+
+
+class GenerationSerializer(serializers.ModelSerializer):
+    images = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField()
+    params = serializers.JSONField(read_only=True)
+    error = serializers.JSONField(read_only=True)
+
+    class Meta:
+        model = Generation
+        fields = [
+            "id",
+            "status",
+            "kind",
+            "model_id",
+            "params",
+            "images",
+            "seed",
+            "error",
+            "warnings",
+            "progress",
+            "backend",
+            "attempts",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "timings",
+        ]
+
+    @extend_schema_field(ImageSerializer(many=True))
+    def get_images(self, obj: Generation) -> list[dict[str, Any]]:
+        images = ImageSerializer(obj.images.all(), many=True, context=self.context).data
+        if self.context.get("b64_json") and images:
+            from .services.jobs import image_b64
+
+            for data, image in zip(images, obj.images.all(), strict=True):
+                data["b64_json"] = image_b64(image)
+        return images
+
+    @extend_schema_field({"type": "object", "nullable": True})
+    def get_progress(self, obj: Generation) -> dict[str, Any] | None:
+        progress = dict(obj.progress or {})
+        if obj.status == "queued":
+            from .selectors import queue_position
+
+            progress["queue_position"] = queue_position(generation=obj)
+        return progress or None

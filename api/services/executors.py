@@ -1,0 +1,159 @@
+"""Who runs a job: an in-process worker thread (the embedded default) or Celery workers.
+
+Pipelines are not thread-safe, so each device runs one job at a time: the thread
+executor has exactly one worker thread, and a request thread never calls a pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from ..models import FINISHED, Generation, Status
+
+log = logging.getLogger("api.executor")
+
+
+class Executor(Protocol):
+    name: str
+
+    def submit(self, generation_id: Any) -> None: ...
+    def wait(self, generation_id: Any, timeout: float) -> bool: ...
+    def request_cancel(self, generation_id: Any) -> None: ...
+    def notify_finished(self, generation_id: Any) -> None: ...
+
+
+def _is_finished(generation_id: Any) -> bool:
+    status = Generation.objects.filter(pk=generation_id).values_list("status", flat=True).first()
+    return status is None or status in FINISHED
+
+
+class ThreadExecutor:
+    """One worker thread per process, fed by an in-memory FIFO; the rows stay the truth."""
+
+    name = "thread"
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._events: dict[str, threading.Event] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.worker_name = f"thread@{socket.gethostname()}:{os.getpid()}"
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+            self._thread.start()
+        log.info("in-process generation worker started (%s)", self.worker_name)
+
+    def startup(self) -> None:
+        """At server start: recover jobs a dead process left behind, requeue queued ones, preload."""
+        from .jobs import generation_recover
+
+        try:
+            outcome = generation_recover(max_attempts=settings.MAX_ATTEMPTS)
+            if outcome["requeued"] or outcome["failed"]:
+                log.warning("recovered jobs left running by a dead process: %s", outcome)
+            pending = list(Generation.objects.filter(status=Status.QUEUED).order_by("created_at").values_list("pk", flat=True))
+        finally:
+            close_old_connections()
+        self.start()
+        for model_id in settings.PRELOAD_MODELS:
+            self._queue.put(("preload", model_id))
+        for pk in pending:
+            self.submit(pk)
+
+    # -- Executor API ----------------------------------------------------------------------
+    def submit(self, generation_id: Any) -> None:
+        key = str(generation_id)
+        with self._lock:
+            self._events.setdefault(key, threading.Event())
+        self.start()
+        self._queue.put(("run", key))
+
+    def wait(self, generation_id: Any, timeout: float) -> bool:
+        key = str(generation_id)
+        with self._lock:
+            event = self._events.get(key)
+        if event is None:
+            return _is_finished(key)
+        return event.wait(timeout)
+
+    def request_cancel(self, generation_id: Any) -> None:
+        with self._lock:
+            self._cancelled.add(str(generation_id))
+
+    def notify_finished(self, generation_id: Any) -> None:
+        with self._lock:
+            event = self._events.pop(str(generation_id), None)
+        if event is not None:
+            event.set()
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        from .jobs import generation_execute
+
+        while True:
+            action, arg = self._queue.get()
+            try:
+                close_old_connections()
+                if action == "preload":
+                    self._preload(arg)
+                else:
+                    generation_execute(generation_id=arg, worker=self.worker_name, cancel_flag=lambda key=arg: key in self._cancelled)
+            except Exception:  # noqa: BLE001 - the worker thread must survive anything
+                log.exception("worker thread error on %s %s", action, arg)
+            finally:
+                close_old_connections()
+                if action == "run":
+                    with self._lock:
+                        self._cancelled.discard(arg)
+                    self.notify_finished(arg)
+
+    @staticmethod
+    def _preload(model_id: str) -> None:
+        from backend.manager import get_manager
+
+        try:
+            get_manager().get(model_id)
+        except Exception:  # noqa: BLE001
+            log.exception("PRELOAD_MODELS: could not load %s", model_id)
+
+
+_executor: Executor | None = None
+_executor_lock = threading.Lock()
+
+
+def get_executor() -> Executor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                if settings.QUEUE == "celery":
+                    from .celery_executor import CeleryExecutor
+
+                    _executor = CeleryExecutor()
+                else:
+                    _executor = ThreadExecutor()
+    return _executor
+
+
+def startup() -> None:
+    """Called once by the web process (wsgi/asgi) to start the embedded worker."""
+    executor = get_executor()
+    if isinstance(executor, ThreadExecutor):
+        executor.startup()

@@ -1,0 +1,319 @@
+"""Generation jobs: create a row, hand it to an executor, run it, cancel it, delete it.
+
+The row is the source of truth. Every state change is a conditional UPDATE, so a job is
+claimed once, a cancelled job never runs, and a crash can't leave it ``running``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F
+from django.utils import timezone
+from PIL import Image
+
+from backend.errors import EngineError, GenerationCancelled
+from backend.params import GenerationParams
+from backend.router import get_backend
+
+from ..exceptions import Conflict, ServiceUnavailable
+from ..images import parameters_text, png_bytes, write_atomic
+from ..models import FINISHED, GeneratedImage, Generation, Status
+
+log = logging.getLogger("api.jobs")
+
+# HTTP status a synchronous request answers with when its generation failed this way.
+ERROR_HTTP_STATUS = {
+    "invalid_params": 400,
+    "unknown_model": 400,
+    "model_unavailable": 503,
+    "model_access_denied": 503,
+    "device_unavailable": 503,
+    "out_of_memory": 503,
+    "worker_lost": 500,
+    "internal_error": 500,
+    "generation_failed": 500,
+}
+
+
+class SubmitError(Exception):
+    """The executor could not accept the job (e.g. the broker is down)."""
+
+
+def media_root() -> Path:
+    return Path(settings.MEDIA_ROOT)
+
+
+def generation_dir(generation_id: Any) -> str:
+    return f"generations/{generation_id}"
+
+
+def _remove_files(generation: Generation) -> None:
+    root = media_root()
+    shutil.rmtree(root / generation_dir(generation.id), ignore_errors=True)
+    if generation.input_image:
+        (root / generation.input_image).unlink(missing_ok=True)
+
+
+def generation_create(
+    *, params: GenerationParams, init_image: Image.Image | None = None, response_format: str = "url"
+) -> Generation:
+    """Store the job and hand it to the executor once committed; nothing half-written on failure."""
+    from .executors import get_executor
+
+    generation_id = uuid.uuid4()
+    input_name = ""
+    if init_image is not None:
+        # Re-encoded under a server-made name: nothing of the upload's name or format survives.
+        input_name = f"inputs/{generation_id}.png"
+        write_atomic(media_root(), input_name, png_bytes(init_image.convert("RGB")))
+    executor = get_executor()
+    generation: Generation | None = None
+    try:
+        with transaction.atomic():
+            generation = Generation.objects.create(
+                id=generation_id,
+                kind=params.kind,
+                model_id=params.model_id,
+                params=params.to_dict(),
+                seed=params.seed,
+                input_image=input_name,
+                response_format=response_format,
+            )
+            transaction.on_commit(lambda: executor.submit(generation_id))
+    except SubmitError as exc:
+        log.error("could not enqueue generation %s: %s", generation_id, exc)
+        Generation.objects.filter(pk=generation_id).delete()
+        if input_name:
+            (media_root() / input_name).unlink(missing_ok=True)
+        raise ServiceUnavailable(
+            "The job queue is unavailable, so the generation was not created; try again shortly.",
+            code="queue_unavailable",
+            retry_after=5,
+        ) from None
+    except BaseException:
+        if input_name:
+            (media_root() / input_name).unlink(missing_ok=True)
+        raise
+    return generation
+
+
+def generation_wait(*, generation: Generation, timeout: float) -> Generation:
+    """Wait up to ``timeout`` seconds for the job to finish; returns the fresh row either way."""
+    from .executors import get_executor
+
+    get_executor().wait(generation.id, timeout)
+    return Generation.objects.prefetch_related("images").get(pk=generation.pk)
+
+
+def generation_cancel(*, generation: Generation) -> Generation:
+    from .executors import get_executor
+
+    if generation.status in FINISHED:
+        raise Conflict(f"generation {generation.id} already finished with status {generation.status}; it can't be cancelled", code="already_finished")
+    now = timezone.now()
+    # A queued job is cancelled on the spot: the claim in generation_execute then fails.
+    if Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
+        status=Status.CANCELLED, cancel_requested=True, finished_at=now, error={"code": "cancelled", "message": "cancelled before it started"}
+    ):
+        _remove_files(generation)
+        get_executor().notify_finished(generation.id)
+    else:
+        # Running: the worker sees the flag at its next step and stops before decoding.
+        Generation.objects.filter(pk=generation.pk, status=Status.RUNNING).update(cancel_requested=True)
+        get_executor().request_cancel(generation.id)
+    generation.refresh_from_db()
+    if generation.status == Status.RUNNING:
+        get_executor().wait(generation.id, 5.0)
+        generation.refresh_from_db()
+    return generation
+
+
+def generation_delete(*, generation: Generation) -> None:
+    from .executors import get_executor
+
+    if generation.status not in FINISHED:
+        Generation.objects.filter(pk=generation.pk).update(cancel_requested=True)
+        get_executor().request_cancel(generation.id)
+    _remove_files(generation)
+    generation.delete()
+
+
+def image_b64(image: GeneratedImage) -> str:
+    return base64.b64encode((media_root() / image.file).read_bytes()).decode("ascii")
+
+
+# --- the worker side ------------------------------------------------------------------------
+
+
+class _ProgressWriter:
+    """Writes progress to the row at most every PROGRESS_MIN_INTERVAL seconds, and the last step."""
+
+    def __init__(self, generation_id: Any) -> None:
+        self.generation_id = generation_id
+        self.interval = settings.PROGRESS_MIN_INTERVAL
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self.last < self.interval:
+            return
+        self.last = now
+        total = max(total, 1)
+        Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING).update(
+            progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
+            heartbeat_at=timezone.now(),
+        )
+
+
+class _CancelCheck:
+    """True once a cancel was asked for: in-process flag at once, the row every half second."""
+
+    def __init__(self, generation_id: Any, flag: Callable[[], bool] | None) -> None:
+        self.generation_id = generation_id
+        self.flag = flag
+        self.last = 0.0
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        if self.cancelled or (self.flag is not None and self.flag()):
+            self.cancelled = True
+            return True
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.last = now
+            row = Generation.objects.filter(pk=self.generation_id).values_list("cancel_requested", flat=True).first()
+            self.cancelled = row is None or bool(row)
+        return self.cancelled
+
+
+def generation_claim(*, generation_id: Any, worker: str) -> bool:
+    now = timezone.now()
+    return bool(
+        Generation.objects.filter(pk=generation_id, status=Status.QUEUED, cancel_requested=False).update(
+            status=Status.RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            attempts=F("attempts") + 1,
+            worker=worker[:128],
+            progress=None,
+        )
+    )
+
+
+def _finish(generation_id: Any, status: str, **fields: Any) -> int:
+    return Generation.objects.filter(pk=generation_id, status=Status.RUNNING).update(
+        status=status, finished_at=timezone.now(), **fields
+    )
+
+
+def generation_execute(*, generation_id: Any, worker: str, cancel_flag: Callable[[], bool] | None = None) -> str | None:
+    """Claim and run one job. Returns its final status, or None if it wasn't ours to run."""
+    if not generation_claim(generation_id=generation_id, worker=worker):
+        return None
+    try:
+        return _run_claimed(generation_id, cancel_flag)
+    finally:
+        # Whatever happened above (even a BaseException), the job doesn't stay running.
+        try:
+            _finish(generation_id, Status.FAILED, error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500})
+        except Exception:  # noqa: BLE001 - the database itself may be what failed
+            log.exception("could not mark generation %s failed", generation_id)
+
+
+def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None) -> str:
+    generation = Generation.objects.get(pk=generation_id)
+    started = generation.started_at or timezone.now()
+    queue_s = (started - generation.created_at).total_seconds()
+    params = GenerationParams.from_dict(generation.params)
+    init_image = None
+    if generation.input_image:
+        with Image.open(media_root() / generation.input_image) as img:
+            init_image = img.convert("RGB")
+    t0 = time.perf_counter()
+    try:
+        output = get_backend().generate(
+            params,
+            init_image=init_image,
+            on_progress=_ProgressWriter(generation_id),
+            should_cancel=_CancelCheck(generation_id, cancel_flag),
+        )
+    except GenerationCancelled as exc:
+        _finish(generation_id, Status.CANCELLED, error={"code": "cancelled", "message": str(exc)})
+        return Status.CANCELLED
+    except EngineError as exc:
+        log.warning("generation %s failed: %s (%s)", generation_id, exc.message, exc.code)
+        status_code = ERROR_HTTP_STATUS.get(exc.code, exc.http_status if exc.http_status >= 400 else 500)
+        _finish(generation_id, Status.FAILED, error={"code": exc.code, "message": exc.message, "http_status": status_code})
+        return Status.FAILED
+    except Exception as exc:  # noqa: BLE001 - any bug becomes a failed job, not a dead worker
+        log.exception("generation %s crashed", generation_id)
+        _finish(
+            generation_id,
+            Status.FAILED,
+            error={"code": "internal_error", "message": f"generation failed unexpectedly ({type(exc).__name__})", "http_status": 500},
+        )
+        return Status.FAILED
+    run_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    folder = generation_dir(generation_id)
+    written: list[GeneratedImage] = []
+    for index, item in enumerate(output.images):
+        name = f"{folder}/{index}-{item.seed}.png"
+        data = png_bytes(item.image, text={"parameters": parameters_text(params.to_dict(), item.seed)})
+        write_atomic(media_root(), name, data)
+        written.append(
+            GeneratedImage(generation_id=generation_id, index=index, file=name, seed=item.seed, width=item.image.width, height=item.image.height)
+        )
+    timings = {
+        "queue_s": round(queue_s, 4),
+        **output.timings,
+        "generate_s": round(run_s, 4),
+        "save_s": round(time.perf_counter() - t1, 4),
+    }
+    with transaction.atomic():
+        done = _finish(
+            generation_id,
+            Status.SUCCEEDED,
+            backend=output.backend,
+            timings=timings,
+            warnings=output.warnings,
+            progress={"step": params.steps, "total_steps": params.steps, "fraction": 1.0},
+            error=None,
+        )
+        if done:
+            GeneratedImage.objects.bulk_create(written)
+    if not done:
+        # Deleted or failed over while we ran: leave no files without a row.
+        shutil.rmtree(media_root() / folder, ignore_errors=True)
+        return Status.CANCELLED
+    return Status.SUCCEEDED
+
+
+def generation_recover(*, max_attempts: int, worker_prefix: str | None = None) -> dict[str, int]:
+    """Jobs left ``running`` by a dead worker: requeue under the attempt limit, else fail ``worker_lost``."""
+    close_old_connections()
+    stale = Generation.objects.filter(status=Status.RUNNING)
+    if worker_prefix is not None:
+        stale = stale.filter(worker__startswith=worker_prefix)
+    requeued = stale.filter(attempts__lt=max_attempts, cancel_requested=False).update(status=Status.QUEUED, started_at=None, progress=None)
+    failed = Generation.objects.filter(status=Status.RUNNING).filter(
+        **({"worker__startswith": worker_prefix} if worker_prefix is not None else {})
+    ).update(
+        status=Status.FAILED,
+        finished_at=timezone.now(),
+        error={"code": "worker_lost", "message": "the worker running this job died", "http_status": 500},
+    )
+    for generation in Generation.objects.filter(status=Status.FAILED, error__code="worker_lost", images__isnull=True):
+        shutil.rmtree(media_root() / generation_dir(generation.id), ignore_errors=True)
+    return {"requeued": requeued, "failed": failed}

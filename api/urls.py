@@ -1,0 +1,16 @@
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from . import views
+
+router = SimpleRouter()
+router.register("results", views.ResultsViewSet, basename="results")
+
+urlpatterns = [
+    path("txt2img/", views.Txt2ImgView.as_view(), name="txt2img"),
+    path("img2img/", views.Img2ImgView.as_view(), name="img2img"),
+    path("models/", views.ModelsView.as_view(), name="models"),
+    path("status/", views.StatusView.as_view(), name="status"),
+    path("health/", views.HealthView.as_view(), name="health"),
+    *router.urls,
+]

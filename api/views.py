@@ -1,0 +1,148 @@
+"""Thin views: validate with a serializer, call one service, serialize the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .models import FINISHED, Status
+from .selectors import generation_get, generation_list
+from .serializers import GenerationSerializer, Img2ImgRequestSerializer, Txt2ImgRequestSerializer
+from .services import jobs, system
+
+
+def _wants_async(request: Request, data: dict[str, Any]) -> bool:
+    prefer = request.headers.get("Prefer", "")
+    return bool(data.get("async")) or "respond-async" in [p.strip().lower() for p in prefer.split(",")]
+
+
+def _generation_response(request: Request, generation: Any, *, http_status: int | None = None) -> Response:
+    context = {"request": request, "b64_json": generation.response_format == "b64_json"}
+    body = GenerationSerializer(generation, context=context).data
+    if isinstance(body.get("error"), dict):
+        body["error"] = {k: v for k, v in body["error"].items() if k in ("code", "message")}
+    headers = {}
+    if generation.status not in FINISHED:
+        headers["Location"] = request.build_absolute_uri(f"/api/results/{generation.id}/")
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
+    if http_status is None:
+        http_status = 200
+        if generation.status == Status.FAILED:
+            http_status = int((generation.error or {}).get("http_status", 500))
+    return Response(body, status=http_status)
+
+
+class _GenerateView(APIView):
+    serializer_class: type = Txt2ImgRequestSerializer
+
+    def post(self, request: Request) -> Response:
+        serializer = self.serializer_class(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        generation = jobs.generation_create(
+            params=data["resolved"], init_image=data.get("image"), response_format=data.get("response_format", "url")
+        )
+        if not _wants_async(request, data):
+            generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
+        return _generation_response(request, generation)
+
+
+_GEN_RESPONSES = {
+    200: GenerationSerializer,
+    202: OpenApiResponse(GenerationSerializer, description="Queued (async, or past SYNC_TIMEOUT)"),
+    400: OpenApiResponse(description="Invalid input: {error: {code, message, fields}}"),
+    503: OpenApiResponse(description="Queue or model unavailable"),
+}
+
+
+class Txt2ImgView(_GenerateView):
+    serializer_class = Txt2ImgRequestSerializer
+
+    @extend_schema(request=Txt2ImgRequestSerializer, responses=_GEN_RESPONSES, operation_id="txt2img")
+    def post(self, request: Request) -> Response:
+        return super().post(request)
+
+
+class Img2ImgView(_GenerateView):
+    serializer_class = Img2ImgRequestSerializer
+
+    @extend_schema(
+        request={"application/json": Img2ImgRequestSerializer, "multipart/form-data": Img2ImgRequestSerializer},
+        responses=_GEN_RESPONSES,
+        operation_id="img2img",
+    )
+    def post(self, request: Request) -> Response:
+        return super().post(request)
+
+
+class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = GenerationSerializer
+    lookup_value_regex = "[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self):  # noqa: ANN201
+        return generation_list()
+
+    def get_object(self):  # noqa: ANN201
+        from django.core.exceptions import ValidationError
+        from django.http import Http404
+
+        from .models import Generation
+
+        try:
+            return generation_get(generation_id=self.kwargs["pk"])
+        except (Generation.DoesNotExist, ValidationError):
+            raise Http404 from None
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        generation = self.get_object()
+        context = {"request": request, "b64_json": generation.response_format == "b64_json"}
+        body = GenerationSerializer(generation, context=context).data
+        if isinstance(body.get("error"), dict):
+            body["error"] = {k: v for k, v in body["error"].items() if k in ("code", "message")}
+        return Response(body)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        response = super().list(request, *args, **kwargs)
+        for item in response.data["results"]:
+            if isinstance(item.get("error"), dict):
+                item["error"] = {k: v for k, v in item["error"].items() if k in ("code", "message")}
+        return response
+
+    def perform_destroy(self, instance: Any) -> None:
+        jobs.generation_delete(generation=instance)
+
+    @extend_schema(request=None, responses={200: GenerationSerializer, 202: GenerationSerializer, 409: OpenApiResponse(description="Already finished")})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        generation = jobs.generation_cancel(generation=self.get_object())
+        return _generation_response(request, generation, http_status=200 if generation.is_finished else None)
+
+
+class ModelsView(APIView):
+    @extend_schema(responses={200: {"type": "array", "items": {"type": "object"}}})
+    def get(self, request: Request) -> Response:
+        return Response(system.models_overview())
+
+
+class StatusView(APIView):
+    @extend_schema(responses={200: {"type": "object"}})
+    def get(self, request: Request) -> Response:
+        return Response(system.status_overview())
+
+
+class HealthView(APIView):
+    """Cheap liveness: never loads a model or imports torch."""
+
+    authentication_classes: list[Any] = []
+    permission_classes: list[Any] = []
+
+    @extend_schema(responses={200: {"type": "object", "properties": {"status": {"type": "string"}}}})
+    def get(self, request: Request) -> Response:
+        return Response({"status": "ok"})

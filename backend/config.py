@@ -1,0 +1,146 @@
+"""Engine settings, read from the environment (``.env`` is loaded by whoever starts us).
+
+A bad value raises ``ConfigError`` naming the variable, at start-up rather than at the
+first request. Django's settings wrap it in ``ImproperlyConfigured``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {'|'.join(choices)}, got {value!r}")
+    return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be finite, got {raw!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    base_dir: Path
+    use_local_models: str = "true"  # true | false | auto
+    device: str = ""  # "" = auto (cuda if present, else cpu)
+    dtype: str = "auto"  # auto | fp16 | bf16 | fp32
+    attention_slicing: str = "auto"  # auto | on | off
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: str = "off"  # off | model | sequential
+    max_loaded_models: int = 1
+    model_catalog_file: str = ""
+    tiny_models_dir: Path = field(default_factory=lambda: Path(".cache/tiny-models"))
+    local_files_only: bool = False
+    enable_safety_checker: bool = False
+    hf_token: str = field(default="", repr=False)
+    # Remote inference
+    hf_inference_url: str = ""
+    hf_inference_provider: str = ""
+    hf_remote_model_map: str = ""
+    remote_timeout_s: float = 120.0
+    remote_max_retries: int = 3
+    remote_backoff_s: float = 1.0
+    remote_max_backoff_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> EngineConfig:
+        env = os.environ if env is None else env
+        base = Path(base_dir or env.get("BASE_DIR") or Path(__file__).resolve().parent.parent)
+        tiny_dir = Path(env.get("TINY_MODELS_DIR") or base / ".cache" / "tiny-models")
+        device = env.get("DEVICE", "").strip().lower()
+        if device and not (device == "cpu" or device == "mps" or device.startswith("cuda")):
+            raise ConfigError(f"DEVICE must be cpu, cuda, cuda:N or mps, got {device!r}")
+        return cls(
+            base_dir=base,
+            use_local_models=env_choice(env, "USE_LOCAL_MODELS", "true", ("true", "false", "auto")),
+            device=device,
+            dtype=env_choice(env, "TORCH_DTYPE", "auto", ("auto", "fp16", "bf16", "fp32")),
+            attention_slicing=env_choice(env, "ATTENTION_SLICING", "auto", ("auto", "on", "off")),
+            vae_slicing=env_bool(env, "VAE_SLICING", False),
+            vae_tiling=env_bool(env, "VAE_TILING", False),
+            cpu_offload=env_choice(env, "CPU_OFFLOAD", "off", ("off", "model", "sequential")),
+            max_loaded_models=env_int(env, "MAX_LOADED_MODELS", 1, minimum=1, maximum=64),
+            model_catalog_file=env.get("MODEL_CATALOG_FILE", "").strip(),
+            tiny_models_dir=tiny_dir,
+            local_files_only=env_bool(env, "HF_HUB_OFFLINE", False),
+            enable_safety_checker=env_bool(env, "ENABLE_SAFETY_CHECKER", False),
+            hf_token=env.get("HF_TOKEN", "").strip(),
+            hf_inference_url=env.get("HF_INFERENCE_URL", "").strip(),
+            hf_inference_provider=env.get("HF_INFERENCE_PROVIDER", "").strip(),
+            hf_remote_model_map=env.get("HF_REMOTE_MODEL_MAP", "").strip(),
+            remote_timeout_s=env_float(env, "REMOTE_TIMEOUT", 120.0, minimum=0.1),
+            remote_max_retries=env_int(env, "REMOTE_MAX_RETRIES", 3, minimum=0, maximum=20),
+            remote_backoff_s=env_float(env, "REMOTE_BACKOFF", 1.0, minimum=0.0),
+            remote_max_backoff_s=env_float(env, "REMOTE_MAX_BACKOFF", 30.0, minimum=0.0),
+        )
+
+
+_config: EngineConfig | None = None
+
+
+def get_config() -> EngineConfig:
+    global _config
+    if _config is None:
+        _config = EngineConfig.from_env()
+    return _config
+
+
+def set_config(config: EngineConfig | None) -> None:
+    """Replace the process-wide config (tests, or a host that builds its own)."""
+    global _config
+    _config = config

@@ -1,0 +1,63 @@
+"""What one generation asks for, and what it gives back: plain data shared by every backend."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEED_MAX = 2**32 - 1
+KINDS = ("txt2img", "img2img")
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a batch uses seed + i (wrapping at 2**32), so each one can be made alone."""
+    return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Resolved parameters: every default already filled in, names as diffusers' ``__call__``."""
+
+    kind: str
+    model_id: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str = ""
+    num_images: int = 1
+    scheduler: str | None = None
+    strength: float | None = None  # img2img only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def seeds(self) -> list[int]:
+        return image_seeds(self.seed, self.num_images)
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    seed: int
+
+
+@dataclass
+class GenerationOutput:
+    images: list[GeneratedImage]
+    backend: str  # "local" | "remote"
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)

@@ -1,0 +1,35 @@
+"""Scheduler names the API accepts, mapped onto diffusers scheduler classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name -> (diffusers class name, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    """A new scheduler of kind ``name`` built from the model's own scheduler config.
+
+    Building from the model's config keeps its beta schedule and prediction type
+    (v-prediction for SD 2.x 768), which a scheduler's bare defaults would lose.
+    """
+    import diffusers
+
+    class_name, extra = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
+    return cls.from_config(dict(base_config), **extra)

@@ -1,0 +1,221 @@
+"""Django settings, 12-factor: every value comes from the environment, or from ``.env``.
+
+A bad value fails at start-up with ``ImproperlyConfigured`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
+
+from backend.config import ConfigError, EngineConfig, env_bool, env_choice, env_float, env_int, env_list
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# A real environment variable wins over .env; ENV_FILE picks another file (tests use none).
+_env_file = os.environ.get("ENV_FILE", str(BASE_DIR / ".env"))
+if _env_file and _env_file.lower() != "none":
+    load_dotenv(_env_file, override=False)
+
+env = os.environ
+
+
+def _wrap(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+
+
+DEBUG = _wrap(env_bool, env, "DEBUG", False)
+ENVIRONMENT = _wrap(env_choice, env, "DJANGO_ENV", "development", ("development", "production", "test"))
+
+_INSECURE_KEY = "django-insecure-development-only-key-change-me"
+SECRET_KEY = env.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if ENVIRONMENT == "production":
+        raise ImproperlyConfigured("SECRET_KEY must be set in production (DJANGO_ENV=production)")
+    SECRET_KEY = _INSECURE_KEY
+elif ENVIRONMENT == "production" and (SECRET_KEY == _INSECURE_KEY or len(SECRET_KEY) < 32):
+    raise ImproperlyConfigured("SECRET_KEY must be a random string of at least 32 characters in production")
+
+ALLOWED_HOSTS = list(_wrap(env_list, env, "ALLOWED_HOSTS")) or ["localhost", "127.0.0.1", "[::1]", "testserver"]
+CSRF_TRUSTED_ORIGINS = list(_wrap(env_list, env, "CSRF_TRUSTED_ORIGINS"))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "api",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# --- Database: SQLite by default, DATABASE_URL for PostgreSQL ------------------------------
+DATABASE_URL = env.get("DATABASE_URL", "").strip()
+if DATABASE_URL:
+    import dj_database_url
+
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env.get("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            "OPTIONS": {
+                # The worker thread writes while request threads read: WAL lets them
+                # overlap, IMMEDIATE transactions avoid upgrade deadlocks, and the
+                # timeout waits out a busy writer instead of failing.
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": env.get("SQLITE_TEST_PATH") or None},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env.get("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+MEDIA_URL = env.get("MEDIA_URL", "/media/")
+MEDIA_ROOT = Path(env.get("MEDIA_ROOT", str(BASE_DIR / "media")))
+SERVE_MEDIA = _wrap(env_bool, env, "SERVE_MEDIA", True)
+
+# --- REST framework -------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "api.exceptions.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.ResultsPagination",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Stable Diffusion API",
+    "DESCRIPTION": "txt2img and img2img over REST, on local diffusers pipelines or the Hugging Face Inference API.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Generation ---------------------------------------------------------------------------
+DEFAULT_MODEL = env.get("DEFAULT_MODEL", "tiny-sd")
+QUEUE = _wrap(env_choice, env, "QUEUE", "thread", ("thread", "celery"))
+SYNC_TIMEOUT = _wrap(env_float, env, "SYNC_TIMEOUT", 300.0, minimum=0.0)
+MAX_ATTEMPTS = _wrap(env_int, env, "MAX_ATTEMPTS", 2, minimum=1, maximum=10)
+PRELOAD_MODELS = list(_wrap(env_list, env, "PRELOAD_MODELS"))
+PROGRESS_MIN_INTERVAL = _wrap(env_float, env, "PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
+
+GENERATION_LIMITS = {
+    "MIN_SIZE": _wrap(env_int, env, "MIN_IMAGE_SIZE", 64, minimum=8),
+    "MAX_SIZE": _wrap(env_int, env, "MAX_IMAGE_SIZE", 2048, minimum=64),
+    "MAX_STEPS": _wrap(env_int, env, "MAX_STEPS", 150, minimum=1),
+    "MAX_NUM_IMAGES": _wrap(env_int, env, "MAX_NUM_IMAGES", 8, minimum=1),
+    "MIN_GUIDANCE": _wrap(env_float, env, "MIN_GUIDANCE_SCALE", 0.0),
+    "MAX_GUIDANCE": _wrap(env_float, env, "MAX_GUIDANCE_SCALE", 30.0),
+    "MAX_PROMPT_CHARS": _wrap(env_int, env, "MAX_PROMPT_CHARS", 2000, minimum=1),
+    "MAX_UPLOAD_BYTES": _wrap(env_int, env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024),
+    "MAX_UPLOAD_PIXELS": _wrap(env_int, env, "MAX_UPLOAD_PIXELS", 4096 * 4096, minimum=64 * 64),
+    # pixels x images x steps: one request can't hold the GPU for hours.
+    "MAX_TOTAL_WORK": _wrap(env_int, env, "MAX_TOTAL_WORK", 1024 * 1024 * 4 * 50, minimum=1),
+}
+# A request body a little over the upload cap (base64 inflates by 4/3) is refused unparsed.
+DATA_UPLOAD_MAX_MEMORY_SIZE = _wrap(env_int, env, "MAX_REQUEST_BYTES", GENERATION_LIMITS["MAX_UPLOAD_BYTES"] * 4 // 3 + 64 * 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
+RESULTS_PAGE_SIZE = 20
+RESULTS_MAX_PAGE_SIZE = 100
+
+try:
+    ENGINE = EngineConfig.from_env(env, base_dir=BASE_DIR)
+except ConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+
+# --- Celery (QUEUE=celery) -----------------------------------------------------------------
+CELERY_BROKER_URL = env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_RESULT_BACKEND = env.get("CELERY_RESULT_BACKEND") or None
+
+# --- Security (production) -----------------------------------------------------------------
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if ENVIRONMENT == "production":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = _wrap(env_bool, env, "SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = _wrap(env_int, env, "SECURE_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = _wrap(env_bool, env, "SECURE_HSTS_PRELOAD", False)
+
+# --- Logging: console, verbose -------------------------------------------------------------
+LOG_LEVEL = env.get("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "verbose": {
+            "format": "{asctime} {levelname} {name} [{process}:{threadName}] {message}",
+            "style": "{",
+        }
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "verbose"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "api": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "backend": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+    },
+}
