@@ -9,6 +9,7 @@ os.environ.setdefault("MEDIA_ROOT", tempfile.mkdtemp(prefix="sdapi-test-media-")
 os.environ.setdefault("SQLITE_TEST_PATH", os.path.join(tempfile.mkdtemp(prefix="sdapi-test-db-"), "test.sqlite3"))
 os.environ.setdefault("DEFAULT_MODEL", "tiny-sd")
 os.environ.setdefault("PROGRESS_MIN_INTERVAL", "0")
+os.environ.setdefault("MAX_LOADED_MODELS", "4")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from .settings import *  # noqa: E402,F403

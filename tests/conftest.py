@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny models (built once per run), an API client, a drained worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from PIL import Image
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_service(reachable: bool, what: str) -> None:
+    """Skip when a local service is missing, except under CI=true where it must be there."""
+    if reachable:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not reachable")
+    pytest.skip(f"{what} is not reachable on this machine")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs() -> dict[str, Path]:
+    """Build (or find cached) tiny-sd and tiny-sdxl once per run."""
+    from backend.tiny import ensure_tiny_model
+
+    return {m: ensure_tiny_model(m, settings.ENGINE.tiny_models_dir) for m in ("tiny-sd", "tiny-sdxl")}
+
+
+@pytest.fixture
+def api(tiny_model_dirs):  # noqa: ANN001, ANN201
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def live_db(transactional_db) -> Iterator[None]:  # noqa: ANN001
+    """Committed rows, so the worker thread sees them; waits for the worker to go idle after."""
+    yield
+    drain_worker()
+
+
+def drain_worker(timeout: float = 60.0) -> None:
+    from api.models import Generation, Status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Generation.objects.filter(status__in=[Status.QUEUED, Status.RUNNING]).exists():
+            return
+        time.sleep(0.05)
+
+
+def png_of(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def media_path(url: str) -> Path:
+    """The file behind an image URL in a response."""
+    rel = url.split(settings.MEDIA_URL, 1)[1]
+    return Path(settings.MEDIA_ROOT) / rel
