@@ -246,7 +246,7 @@ class ModelManager:
                 f"(manage.py preload_models --models {spec.id}) or point the catalogue at a local folder",
                 code="model_unavailable",
             )
-        return ModelUnavailable(f"model {spec.id!r} could not be loaded from {spec.location}: {type(exc).__name__}")
+        return ModelUnavailable(f"model {spec.id!r} could not be loaded from its {spec.source} files ({type(exc).__name__}); the server log has the details")
 
     @staticmethod
     def _apply_family_fixes(pipe: Any, spec: ModelSpec, plan: DevicePlan) -> None:

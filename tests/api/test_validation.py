@@ -1,0 +1,159 @@
+"""Bad input gets a 400 naming the field, the limit and the value, and creates nothing.
+
+Limits are tested below, at and above. "At" goes through the serializer only (it would
+otherwise run a generation); "below" and "above" go through the API and check that no
+row was created.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from api.models import Generation
+from api.serializers import Img2ImgRequestSerializer, Txt2ImgRequestSerializer
+from tests.conftest import png_of
+
+pytestmark = pytest.mark.django_db
+
+
+def reject(api, body, field, *fragments, path="/api/txt2img/", fmt="json"):
+    r = api.post(path, body, format=fmt)
+    assert r.status_code == 400, r.content
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert field in error["fields"], error
+    message = " ".join(error["fields"][field])
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert error["message"]
+    assert Generation.objects.count() == 0
+    return error
+
+
+def accept(body, serializer=Txt2ImgRequestSerializer):
+    s = serializer(data=body)
+    assert s.is_valid(), s.errors
+    return s.validated_data["resolved"]
+
+
+@pytest.mark.parametrize("field", ["width", "height"])
+def test_size_bounds_and_multiple_of_8(api, field, settings):
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_SIZE": 256}
+    reject(api, {"prompt": "x", field: 56}, field, "multiple of 8 between 64 and 256", "got 56")
+    assert getattr(accept({"prompt": "x", field: 64}), field) == 64
+    assert getattr(accept({"prompt": "x", field: 256}), field) == 256
+    reject(api, {"prompt": "x", field: 264}, field, "got 264")
+    reject(api, {"prompt": "x", field: 65}, field, "multiple of 8", "got 65")
+    reject(api, {"prompt": "x", field: 64.5}, field)
+    reject(api, {"prompt": "x", field: "big"}, field)
+
+
+def test_steps_bounds(api, settings):
+    cap = settings.GENERATION_LIMITS["MAX_STEPS"]
+    reject(api, {"prompt": "x", "steps": 0}, "steps", f"between 1 and {cap}", "got 0")
+    assert accept({"prompt": "x", "steps": 1}).steps == 1
+    assert accept({"prompt": "x", "steps": cap}).steps == cap
+    reject(api, {"prompt": "x", "steps": cap + 1}, "steps", f"got {cap + 1}")
+
+
+def test_num_images_bounds(api, settings):
+    cap = settings.GENERATION_LIMITS["MAX_NUM_IMAGES"]
+    reject(api, {"prompt": "x", "num_images": 0}, "num_images", f"between 1 and {cap}", "got 0")
+    assert accept({"prompt": "x", "num_images": cap}).num_images == cap
+    reject(api, {"prompt": "x", "num_images": cap + 1}, "num_images", f"got {cap + 1}")
+
+
+def test_prompt_required_not_blank_and_capped(api, settings):
+    reject(api, {"width": 64}, "prompt", "required")
+    reject(api, {"prompt": ""}, "prompt")
+    reject(api, {"prompt": "   "}, "prompt", "blank")
+    cap = settings.GENERATION_LIMITS["MAX_PROMPT_CHARS"]
+    assert accept({"prompt": "a" * cap}).prompt == "a" * cap
+    reject(api, {"prompt": "a" * (cap + 1)}, "prompt", f"at most {cap} characters", f"got {cap + 1}")
+
+
+def test_unknown_model_lists_valid_ids(api):
+    error = reject(api, {"prompt": "x", "model_id": "../../etc/passwd"}, "model_id", "tiny-sd", "tiny-sdxl", "stable-diffusion-v1-5")
+    assert "etc/passwd" in error["fields"]["model_id"][0]
+
+
+def test_seed_range(api):
+    reject(api, {"prompt": "x", "seed": -2}, "seed", "between 0 and 4294967295", "got -2")
+    assert accept({"prompt": "x", "seed": 0}).seed == 0
+    assert accept({"prompt": "x", "seed": 2**32 - 1}).seed == 2**32 - 1
+    reject(api, {"prompt": "x", "seed": 2**32}, "seed", f"got {2**32}")
+
+
+def test_guidance_scale_must_be_finite_and_in_range(api, settings):
+    hi = settings.GENERATION_LIMITS["MAX_GUIDANCE"]
+    for bad in ("NaN", "Infinity", "-Infinity"):
+        reject(api, {"prompt": "x", "guidance_scale": bad}, "guidance_scale")
+    reject(api, {"prompt": "x", "guidance_scale": -0.5}, "guidance_scale", "got -0.5")
+    assert accept({"prompt": "x", "guidance_scale": hi}).guidance_scale == hi
+    reject(api, {"prompt": "x", "guidance_scale": hi + 0.5}, "guidance_scale", f"got {hi + 0.5}")
+
+
+def test_unknown_scheduler_lists_supported_ones(api):
+    reject(api, {"prompt": "x", "scheduler": "magic"}, "scheduler", "ddim", "euler_a", "dpmpp_2m", "got 'magic'")
+
+
+def test_unknown_fields_are_refused_not_ignored(api):
+    reject(api, {"prompt": "x", "sampler": "ddim"}, "sampler", "unknown field")
+
+
+def test_total_work_cap(api, settings):
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_TOTAL_WORK": 64 * 64 * 2 * 4}
+    assert accept({"prompt": "x", "num_images": 2, "steps": 4}).num_images == 2
+    reject(api, {"prompt": "x", "num_images": 2, "steps": 5}, "non_field_errors", "at most 32768", "64x64x2x5 = 40960")
+
+
+def test_body_that_is_not_json_gets_the_error_shape(api):
+    r = api.post("/api/txt2img/", data="{not json", content_type="application/json")
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "parse_error"
+    r = api.post("/api/txt2img/", data="[1, 2]", content_type="application/json")
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert Generation.objects.count() == 0
+
+
+# --- img2img inputs --------------------------------------------------------------------------
+
+
+def test_img2img_without_image(api):
+    reject(api, {"prompt": "x"}, "image", "required", path="/api/img2img/")
+
+
+def test_img2img_broken_image(api):
+    reject(api, {"prompt": "x", "image": base64.b64encode(b"not an image at all").decode()}, "image", "not a PNG, JPEG or WebP", path="/api/img2img/")
+    truncated = png_of()[:60]
+    reject(api, {"prompt": "x", "image": base64.b64encode(truncated).decode()}, "image", path="/api/img2img/")
+
+
+def test_img2img_bad_base64(api):
+    reject(api, {"prompt": "x", "image": "@@@not-base64@@@"}, "image", "not valid base64", path="/api/img2img/")
+    reject(api, {"prompt": "x", "image": "data:image/png;base64"}, "image", path="/api/img2img/")
+
+
+def test_img2img_file_that_is_not_an_image(api):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    upload = SimpleUploadedFile("cat.png", b"GIF89a fake", content_type="image/png")
+    reject(api, {"prompt": "x", "image": upload}, "image", "not a PNG, JPEG or WebP", path="/api/img2img/", fmt="multipart")
+
+
+def test_img2img_strength_bounds(api):
+    image = base64.b64encode(png_of()).decode()
+    reject(api, {"prompt": "x", "image": image, "strength": 0}, "strength", "(0, 1]", "got 0", path="/api/img2img/")
+    assert accept({"prompt": "x", "image": image, "strength": 1.0}, Img2ImgRequestSerializer).strength == 1.0
+    reject(api, {"prompt": "x", "image": image, "strength": 1.01}, "strength", "got 1.01", path="/api/img2img/")
+    # steps x strength below one step would run no denoising at all.
+    reject(api, {"prompt": "x", "image": image, "strength": 0.1, "steps": 4}, "strength", "at least 1", path="/api/img2img/")
+
+
+def test_img2img_pixel_cap_checked_before_decoding(api, settings):
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_UPLOAD_PIXELS": 64 * 64}
+    assert accept({"prompt": "x", "image": base64.b64encode(png_of(size=(64, 64))).decode()}, Img2ImgRequestSerializer)
+    reject(api, {"prompt": "x", "image": base64.b64encode(png_of(size=(64, 65))).decode()}, "image", "at most 4096 pixels", "64x65", path="/api/img2img/")
