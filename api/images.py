@@ -49,6 +49,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except Image.UnidentifiedImageError:
         raise ImageInputError("the image is not a PNG, JPEG or WebP file") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"the image must have at most {max_pixels} pixels; its header claims far more") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageInputError(f"the image could not be read ({type(exc).__name__})") from None
     width, height = img.size

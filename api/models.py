@@ -46,10 +46,26 @@ class Generation(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    owner = models.ForeignKey("ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="generations")
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["status", "created_at"])]
+        indexes = [models.Index(fields=["status", "created_at"]), models.Index(fields=["owner", "status"])]
+        constraints = [
+            # NULLs are distinct in SQL unique indexes, so anonymous requests get their own.
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=models.Q(owner__isnull=False, idempotency_key__isnull=False),
+                name="unique_idempotency_key_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=models.Q(owner__isnull=True, idempotency_key__isnull=False),
+                name="unique_idempotency_key_anonymous",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.id} [{self.status}]"
@@ -73,3 +89,26 @@ class GeneratedImage(models.Model):
 
     def __str__(self) -> str:
         return self.file
+
+
+class ApiKey(models.Model):
+    """An API key. Only a SHA-256 of the key is stored; the key itself is shown once."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, db_index=True, help_text="First characters, to recognise a key")
+    key_hash = models.CharField(max_length=64, unique=True)
+    is_staff = models.BooleanField(default=False, help_text="Sees and deletes every key's results")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

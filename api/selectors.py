@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from backend.catalog import ModelSpec
 from backend.manager import ModelManager
 
-from .models import Generation, Status
+from .models import ApiKey, Generation, Status
 
 
 def model_catalog() -> dict[str, ModelSpec]:
@@ -17,12 +17,16 @@ def model_catalog() -> dict[str, ModelSpec]:
     return ModelManager.instance().catalog
 
 
-def generation_list() -> QuerySet[Generation]:
-    return Generation.objects.prefetch_related("images").order_by("-created_at", "-id")
+def generation_list(*, viewer: ApiKey | None = None) -> QuerySet[Generation]:
+    """What ``viewer`` may see: a key its own results, a staff key (or no key, with auth off) all."""
+    rows = Generation.objects.prefetch_related("images").order_by("-created_at", "-id")
+    if viewer is not None and not viewer.is_staff:
+        rows = rows.filter(owner=viewer)
+    return rows
 
 
-def generation_get(*, generation_id: Any) -> Generation:
-    return generation_list().get(pk=generation_id)
+def generation_get(*, generation_id: Any, viewer: ApiKey | None = None) -> Generation:
+    return generation_list(viewer=viewer).get(pk=generation_id)
 
 
 def queue_position(*, generation: Generation) -> int:

@@ -36,10 +36,13 @@ class FiniteFloatField(serializers.FloatField):
     def to_internal_value(self, data: Any) -> float:
         if isinstance(data, bool):
             self.fail("invalid")
-        value = super().to_internal_value(data)
-        if not math.isfinite(value):
-            raise serializers.ValidationError(f"{self.field_name} must be a finite number, got {data!r}")
-        return value
+        try:
+            finite = math.isfinite(float(data))
+        except (TypeError, ValueError, OverflowError):
+            finite = True  # not a number at all: the parent's message says so
+        if not finite:
+            raise serializers.ValidationError(f"{self.field_name} must be a finite number, got {str(data)[:30]!r}")
+        return super().to_internal_value(data)
 
 
 @extend_schema_field({"type": "string", "description": "base64, a data: URL, or a multipart file"})

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from .auth import GenerateRateThrottle, request_key
 from .models import FINISHED, Status
 from .selectors import generation_get, generation_list
 from .serializers import GenerationSerializer, Img2ImgRequestSerializer, Txt2ImgRequestSerializer
@@ -39,17 +43,35 @@ def _generation_response(request: Request, generation: Any, *, http_status: int 
     return Response(body, status=http_status)
 
 
+def _fingerprint(kind: str, data: dict[str, Any]) -> str:
+    """What identifies a request for Idempotency-Key reuse: its inputs, before defaults."""
+    material = {k: v for k, v in data.items() if k not in ("resolved", "image", "async")}
+    digest = hashlib.sha256(json.dumps([kind, material], sort_keys=True, default=str).encode())
+    if data.get("image") is not None:
+        digest.update(data["image"].tobytes())
+    return digest.hexdigest()
+
+
 class _GenerateView(APIView):
     serializer_class: type = Txt2ImgRequestSerializer
+    throttle_classes = [GenerateRateThrottle]
 
     def post(self, request: Request) -> Response:
+        idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
+        if idempotency_key is not None and len(idempotency_key) > 255:
+            raise ValidationError({"Idempotency-Key": [f"Idempotency-Key must be at most 255 characters, got {len(idempotency_key)}"]})
         serializer = self.serializer_class(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        generation = jobs.generation_create(
-            params=data["resolved"], init_image=data.get("image"), response_format=data.get("response_format", "url")
+        generation, _created = jobs.generation_create(
+            params=data["resolved"],
+            init_image=data.get("image"),
+            response_format=data.get("response_format", "url"),
+            owner=request_key(request),
+            idempotency_key=idempotency_key,
+            fingerprint=_fingerprint(serializer.kind, data) if idempotency_key else "",
         )
-        if not _wants_async(request, data):
+        if not _wants_async(request, data) and not generation.is_finished:
             generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
         return _generation_response(request, generation)
 
@@ -87,7 +109,7 @@ class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.De
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
 
     def get_queryset(self):  # noqa: ANN201
-        return generation_list()
+        return generation_list(viewer=request_key(self.request))
 
     def get_object(self):  # noqa: ANN201
         from django.core.exceptions import ValidationError
@@ -96,7 +118,7 @@ class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.De
         from .models import Generation
 
         try:
-            return generation_get(generation_id=self.kwargs["pk"])
+            return generation_get(generation_id=self.kwargs["pk"], viewer=request_key(self.request))
         except (Generation.DoesNotExist, ValidationError):
             raise Http404 from None
 
@@ -138,10 +160,11 @@ class StatusView(APIView):
 
 
 class HealthView(APIView):
-    """Cheap liveness: never loads a model or imports torch."""
+    """Cheap liveness: never loads a model or imports torch, and needs no key."""
 
     authentication_classes: list[Any] = []
     permission_classes: list[Any] = []
+    throttle_classes: list[Any] = []
 
     @extend_schema(responses={200: {"type": "object", "properties": {"status": {"type": "string"}}}})
     def get(self, request: Request) -> Response:

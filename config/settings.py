@@ -59,6 +59,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "api.middleware.RequestSizeLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -138,8 +139,9 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.FormParser",
     ],
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["api.auth.KeyRequiredIfConfigured"],
+    "DEFAULT_THROTTLE_CLASSES": ["api.auth.ReadRateThrottle"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "api.exceptions.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -151,6 +153,26 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
 }
+
+# --- Access -----------------------------------------------------------------------------------
+# true: every endpoint but /api/health/ needs "Authorization: Bearer <key>" (manage.py create_api_key).
+AUTH_REQUIRED = _wrap(env_bool, env, "AUTH_REQUIRED", ENVIRONMENT == "production")
+# Per key (or per client address without a key); DRF rate syntax: N/second|minute|hour|day. Empty: no limit.
+RATE_LIMITS = {
+    "generate": env.get("RATE_LIMIT_GENERATE", "60/minute").strip(),
+    "read": env.get("RATE_LIMIT_READ", "600/minute").strip(),
+}
+# Queued + running jobs one key may have at once; counted in the database, so it holds across processes.
+MAX_ACTIVE_JOBS_PER_KEY = _wrap(env_int, env, "MAX_ACTIVE_JOBS_PER_KEY", 8, minimum=1)
+
+# Rate-limit counters live in the cache: set CACHE_URL (redis://...) when several processes serve.
+CACHE_URL = env.get("CACHE_URL", "").strip()
+if CACHE_URL.startswith(("redis://", "rediss://")):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
+elif CACHE_URL:
+    raise ImproperlyConfigured(f"CACHE_URL must be a redis:// URL, got {CACHE_URL!r}")
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- Generation ---------------------------------------------------------------------------
 DEFAULT_MODEL = env.get("DEFAULT_MODEL", "tiny-sd")

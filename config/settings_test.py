@@ -11,5 +11,8 @@ os.environ.setdefault("DEFAULT_MODEL", "tiny-sd")
 os.environ.setdefault("PROGRESS_MIN_INTERVAL", "0")
 os.environ.setdefault("MAX_LOADED_MODELS", "4")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Rate limits are off for the suite; tests of them turn them on.
+os.environ.setdefault("RATE_LIMIT_GENERATE", "")
+os.environ.setdefault("RATE_LIMIT_READ", "")
 
 from .settings import *  # noqa: E402,F403

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import IntegrityError, close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 from PIL import Image
@@ -25,9 +25,9 @@ from backend.errors import EngineError, GenerationCancelled
 from backend.params import GenerationParams
 from backend.router import get_backend
 
-from ..exceptions import Conflict, ServiceUnavailable
+from ..exceptions import ApiError, Conflict, ServiceUnavailable
 from ..images import parameters_text, png_bytes, write_atomic
-from ..models import FINISHED, GeneratedImage, Generation, Status
+from ..models import FINISHED, ApiKey, GeneratedImage, Generation, Status
 
 log = logging.getLogger("api.jobs")
 
@@ -42,6 +42,15 @@ ERROR_HTTP_STATUS = {
     "worker_lost": 500,
     "internal_error": 500,
     "generation_failed": 500,
+    "remote_error": 502,
+    "remote_not_configured": 503,
+    "remote_auth_failed": 502,
+    "remote_model_unavailable": 503,
+    "remote_rate_limited": 429,
+    "remote_timeout": 504,
+    "remote_bad_response": 502,
+    "remote_rejected": 400,
+    "remote_unreachable": 503,
 }
 
 
@@ -65,11 +74,25 @@ def _remove_files(generation: Generation) -> None:
 
 
 def generation_create(
-    *, params: GenerationParams, init_image: Image.Image | None = None, response_format: str = "url"
-) -> Generation:
-    """Store the job and hand it to the executor once committed; nothing half-written on failure."""
+    *,
+    params: GenerationParams,
+    init_image: Image.Image | None = None,
+    response_format: str = "url",
+    owner: ApiKey | None = None,
+    idempotency_key: str | None = None,
+    fingerprint: str = "",
+) -> tuple[Generation, bool]:
+    """Store the job and hand it to the executor once committed; nothing half-written on failure.
+
+    Returns ``(generation, created)``: a retried request with the same ``Idempotency-Key``
+    gets the first generation back and ``created`` is False.
+    """
     from .executors import get_executor
 
+    if idempotency_key:
+        existing = _idempotent_match(owner=owner, idempotency_key=idempotency_key, fingerprint=fingerprint)
+        if existing is not None:
+            return existing, False
     generation_id = uuid.uuid4()
     input_name = ""
     if init_image is not None:
@@ -80,6 +103,8 @@ def generation_create(
     generation: Generation | None = None
     try:
         with transaction.atomic():
+            if owner is not None:
+                _check_active_cap(owner)
             generation = Generation.objects.create(
                 id=generation_id,
                 kind=params.kind,
@@ -88,8 +113,19 @@ def generation_create(
                 seed=params.seed,
                 input_image=input_name,
                 response_format=response_format,
+                owner=owner,
+                idempotency_key=idempotency_key or None,
+                request_fingerprint=fingerprint,
             )
             transaction.on_commit(lambda: executor.submit(generation_id))
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+        if input_name:
+            (media_root() / input_name).unlink(missing_ok=True)
+        existing = _idempotent_match(owner=owner, idempotency_key=idempotency_key or "", fingerprint=fingerprint)
+        if existing is None:
+            raise
+        return existing, False
     except SubmitError as exc:
         log.error("could not enqueue generation %s: %s", generation_id, exc)
         Generation.objects.filter(pk=generation_id).delete()
@@ -104,7 +140,33 @@ def generation_create(
         if input_name:
             (media_root() / input_name).unlink(missing_ok=True)
         raise
-    return generation
+    return generation, True
+
+
+def _idempotent_match(*, owner: ApiKey | None, idempotency_key: str, fingerprint: str) -> Generation | None:
+    existing = Generation.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+    if existing is not None and fingerprint and existing.request_fingerprint != fingerprint:
+        raise ApiError(
+            "this Idempotency-Key was already used for a request with different parameters",
+            code="idempotency_key_reused",
+            status_code=422,
+        )
+    return existing
+
+
+def _check_active_cap(owner: ApiKey) -> None:
+    """Per-key cap on queued + running jobs, counted in the database under a row lock."""
+    cap = settings.MAX_ACTIVE_JOBS_PER_KEY
+    # Locking the key's row serialises concurrent creates for one key across processes.
+    ApiKey.objects.select_for_update().filter(pk=owner.pk).first()
+    active = Generation.objects.filter(owner=owner, status__in=[Status.QUEUED, Status.RUNNING]).count()
+    if active >= cap:
+        raise ApiError(
+            f"this API key already has {active} queued or running generations; the limit is {cap}",
+            code="too_many_active_jobs",
+            status_code=429,
+            headers={"Retry-After": "5"},
+        )
 
 
 def generation_wait(*, generation: Generation, timeout: float) -> Generation:

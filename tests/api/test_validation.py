@@ -157,3 +157,47 @@ def test_img2img_pixel_cap_checked_before_decoding(api, settings):
     settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_UPLOAD_PIXELS": 64 * 64}
     assert accept({"prompt": "x", "image": base64.b64encode(png_of(size=(64, 64))).decode()}, Img2ImgRequestSerializer)
     reject(api, {"prompt": "x", "image": base64.b64encode(png_of(size=(64, 65))).decode()}, "image", "at most 4096 pixels", "64x65", path="/api/img2img/")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height; the pixel data is a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width * 3 + 1) * 2)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(50000, 50000), (5000, 5000)])
+def test_decompression_bomb_is_refused_from_the_header_with_bounded_memory(api, size):
+    import tracemalloc
+
+    bomb = _png_header_only(*size)
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        reject(api, {"prompt": "x", "image": base64.b64encode(bomb).decode()}, "image", "pixels", path="/api/img2img/")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Decoding 5000x5000 RGB alone would take 75 MB.
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_huge_and_non_finite_json_numbers(api):
+    r = api.post("/api/txt2img/", data='{"prompt": "x", "guidance_scale": 1e400}', content_type="application/json")
+    assert r.status_code == 400
+    assert "finite" in r.json()["error"]["fields"]["guidance_scale"][0]
+    r = api.post("/api/txt2img/", data='{"prompt": "x", "guidance_scale": NaN}', content_type="application/json")
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("parse_error", "invalid_request")
+    r = api.post("/api/txt2img/", data='{"prompt": "x", "steps": 1e400}', content_type="application/json")
+    assert r.status_code == 400
+    assert Generation.objects.count() == 0
+
+
+def test_prompt_with_nul_is_refused(api):
+    reject(api, {"prompt": "a\x00b"}, "prompt")
