@@ -57,6 +57,8 @@ class LocalBackend:
             make_scheduler(params.scheduler, model.base_scheduler_config) if params.scheduler else model.base_scheduler
         )
 
+        warnings = _truncation_warnings(pipe, params)
+
         seeds = params.seeds
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -107,4 +109,23 @@ class LocalBackend:
             raise GenerationFailed(f"the pipeline failed: {type(exc).__name__}") from exc
         timings["inference_s"] = round(time.perf_counter() - t1, 4)
         images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(result.images, seeds, strict=True)]
-        return GenerationOutput(images=images, backend=self.name, timings=timings)
+        return GenerationOutput(images=images, backend=self.name, timings=timings, warnings=warnings)
+
+
+def _truncation_warnings(pipe: Any, params: GenerationParams) -> list[str]:
+    """CLIP reads a fixed token window; say so when a prompt runs past it (it is truncated)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    window = int(getattr(tokenizer, "model_max_length", 77))
+    out = []
+    for field, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
+        if not text:
+            continue
+        count = len(tokenizer(text, truncation=False).input_ids)
+        if count > window:
+            out.append(
+                f"{field} is {count} tokens long; the text encoder reads {window} (including start/end), "
+                "so the rest was ignored"
+            )
+    return out

@@ -123,3 +123,12 @@ def test_generations_show_in_the_admin(api, django_user_model, client):
     detail = client.get(f"/admin/api/generation/{body['id']}/change/")
     assert detail.status_code == 200
     assert "admin check" in detail.content.decode()
+
+
+def test_prompt_longer_than_the_token_window_is_generated_with_a_warning(api):
+    short = api.post("/api/txt2img/", {"prompt": "a" * 70, "seed": 1}, format="json").json()
+    assert short["warnings"] == []
+    long = api.post("/api/txt2img/", {"prompt": "a" * 200, "seed": 1, "negative_prompt": "b" * 10}, format="json").json()
+    assert long["status"] == "succeeded"
+    assert len(long["warnings"]) == 1
+    assert long["warnings"][0].startswith("prompt is 202 tokens long; the text encoder reads 77")
