@@ -72,6 +72,36 @@ def env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
 
+def parse_model_map(raw: str, name: str = "HF_REMOTE_MODEL_MAP") -> dict[str, str]:
+    """``"id=owner/repo,id2=https://endpoint"`` -> ``{"id": "owner/repo", "id2": "https://endpoint"}``."""
+    mapping: dict[str, str] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        model_id, sep, target = (piece.strip() for piece in part.partition("="))
+        if not sep or not model_id or not target:
+            raise ConfigError(f"{name} entries must look like model_id=owner/repo, got {part!r}")
+        if not target.startswith(("http://", "https://")) and target.count("/") != 1:
+            raise ConfigError(f"{name}: {model_id} must map to owner/repo or an http(s) URL, got {target!r}")
+        mapping[model_id] = target
+    return mapping
+
+
+def env_model_map(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    parse_model_map(raw, name)
+    return raw
+
+
+def env_url(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        # Don't echo the value: an endpoint URL may carry credentials.
+        raise ConfigError(f"{name} must be an http:// or https:// URL")
+    return value
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     base_dir: Path
@@ -120,9 +150,9 @@ class EngineConfig:
             local_files_only=env_bool(env, "HF_HUB_OFFLINE", False),
             enable_safety_checker=env_bool(env, "ENABLE_SAFETY_CHECKER", False),
             hf_token=env.get("HF_TOKEN", "").strip(),
-            hf_inference_url=env.get("HF_INFERENCE_URL", "").strip(),
+            hf_inference_url=env_url(env, "HF_INFERENCE_URL"),
             hf_inference_provider=env.get("HF_INFERENCE_PROVIDER", "").strip(),
-            hf_remote_model_map=env.get("HF_REMOTE_MODEL_MAP", "").strip(),
+            hf_remote_model_map=env_model_map(env, "HF_REMOTE_MODEL_MAP"),
             remote_timeout_s=env_float(env, "REMOTE_TIMEOUT", 120.0, minimum=0.1),
             remote_max_retries=env_int(env, "REMOTE_MAX_RETRIES", 3, minimum=0, maximum=20),
             remote_backoff_s=env_float(env, "REMOTE_BACKOFF", 1.0, minimum=0.0),
