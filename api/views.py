@@ -40,7 +40,9 @@ def _generation_response(request: Request, generation: Any, *, http_status: int 
         http_status = 200
         if generation.status == Status.FAILED:
             http_status = int((generation.error or {}).get("http_status", 500))
-    return Response(body, status=http_status)
+            if http_status in (429, 503):
+                headers["Retry-After"] = "30"
+    return Response(body, status=http_status, headers=headers)
 
 
 def _fingerprint(kind: str, data: dict[str, Any]) -> str:

@@ -45,11 +45,11 @@ def test_eight_simultaneous_requests_all_succeed_one_pipeline_at_a_time(live_ser
 
     # One pipeline at a time: no two jobs' running intervals overlap.
     rows = sorted(Generation.objects.filter(pk__in=ids), key=lambda g: g.started_at)
-    for before, after in zip(rows, rows[1:]):
+    for before, after in zip(rows, rows[1:], strict=False):
         assert before.finished_at <= after.started_at
 
     # Each image equals what the same request makes on its own.
-    for body, (_, got) in zip(bodies, results):
+    for body, (_, got) in zip(bodies, results, strict=True):
         status, alone = post_json(url, body)
         assert status == 200
         assert media_path(alone["images"][0]["url"]).read_bytes() == media_path(got["images"][0]["url"]).read_bytes()
