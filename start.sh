@@ -53,6 +53,15 @@ case "$MODE" in
     setup_project
     HOST="${HOST:-127.0.0.1}"
     PORT="${PORT:-8000}"
+    case "$HOST" in
+      localhost | 127.* | ::1 | "[::1]") ;;
+      *)
+        # AUTH_REQUIRED as the server will see it: the environment, else .env, else its default.
+        if [ "$("$VENV/bin/python" manage.py shell -v0 -c 'from django.conf import settings; print(settings.AUTH_REQUIRED)')" != "True" ]; then
+          log "WARNING: listening on $HOST, beyond this machine, with AUTH_REQUIRED off: anyone who can reach it can generate images and read or delete every result. Set AUTH_REQUIRED=true (keys: manage.py create_api_key NAME) or HOST=127.0.0.1."
+        fi
+        ;;
+    esac
     log "serving on http://$HOST:$PORT/api/ (docs: http://$HOST:$PORT/api/docs/)"
     exec "$VENV/bin/python" manage.py runserver "$HOST:$PORT" "$@"
     ;;

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -105,3 +106,20 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     message = " ".join(_flatten(detail))
     response.data = error_body(str(code), message)
     return response
+
+
+# Django's own handlers, for what never reaches a DRF view: a URL that matches no route
+# (e.g. /api/results/<not an id>/) and an error outside a view. Under /api/ they answer
+# in the one error shape; elsewhere (admin, media) Django's pages stay.
+
+
+def not_found_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("not_found", "Not found."), status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error_view(request: HttpRequest) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("internal_error", "The server hit an unexpected error."), status=500)
+    return defaults.server_error(request)

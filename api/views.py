@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -17,6 +17,18 @@ from rest_framework.views import APIView
 
 from .auth import GenerateRateThrottle, request_key
 from .models import FINISHED, Status
+from .schema import (
+    GENERATION_ERRORS,
+    GENERATION_HEADERS,
+    IMG2IMG_EXAMPLES,
+    PAGE_ERRORS,
+    TXT2IMG_EXAMPLES,
+    HealthDocSerializer,
+    Img2ImgUploadRequestSerializer,
+    ModelDocSerializer,
+    StatusDocSerializer,
+    error_responses,
+)
 from .selectors import generation_get, generation_list
 from .serializers import GenerationSerializer, Img2ImgRequestSerializer, Txt2ImgRequestSerializer
 from .services import jobs, system
@@ -79,17 +91,22 @@ class _GenerateView(APIView):
 
 
 _GEN_RESPONSES = {
-    200: GenerationSerializer,
-    202: OpenApiResponse(GenerationSerializer, description="Queued (async, or past SYNC_TIMEOUT)"),
-    400: OpenApiResponse(description="Invalid input: {error: {code, message, fields}}"),
-    503: OpenApiResponse(description="Queue or model unavailable"),
+    200: OpenApiResponse(GenerationSerializer, description="The finished generation."),
+    202: OpenApiResponse(GenerationSerializer, description="Queued (async, or past SYNC_TIMEOUT); Location names it."),
+    **error_responses(400, 401, 413, 415, 422, 429, 500, 502, 503, 504, generation=True, why=GENERATION_ERRORS),
 }
 
 
 class Txt2ImgView(_GenerateView):
     serializer_class = Txt2ImgRequestSerializer
 
-    @extend_schema(request=Txt2ImgRequestSerializer, responses=_GEN_RESPONSES, operation_id="txt2img")
+    @extend_schema(
+        request={"application/json": Txt2ImgRequestSerializer},
+        responses=_GEN_RESPONSES,
+        parameters=GENERATION_HEADERS,
+        examples=TXT2IMG_EXAMPLES,
+        operation_id="txt2img",
+    )
     def post(self, request: Request) -> Response:
         return super().post(request)
 
@@ -98,14 +115,25 @@ class Img2ImgView(_GenerateView):
     serializer_class = Img2ImgRequestSerializer
 
     @extend_schema(
-        request={"application/json": Img2ImgRequestSerializer, "multipart/form-data": Img2ImgRequestSerializer},
+        request={"application/json": Img2ImgRequestSerializer, "multipart/form-data": Img2ImgUploadRequestSerializer},
         responses=_GEN_RESPONSES,
+        parameters=GENERATION_HEADERS,
+        examples=IMG2IMG_EXAMPLES,
         operation_id="img2img",
     )
     def post(self, request: Request) -> Response:
         return super().post(request)
 
 
+@extend_schema_view(
+    list=extend_schema(
+        responses={200: GenerationSerializer(many=True), **error_responses(401, 404, 429, why=PAGE_ERRORS)}
+    ),
+    retrieve=extend_schema(responses={200: GenerationSerializer, **error_responses(401, 404, 429)}),
+    destroy=extend_schema(
+        responses={204: OpenApiResponse(description="Deleted, with its image files."), **error_responses(401, 404, 429)}
+    ),
+)
 class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = GenerationSerializer
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
@@ -142,7 +170,14 @@ class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.De
     def perform_destroy(self, instance: Any) -> None:
         jobs.generation_delete(generation=instance)
 
-    @extend_schema(request=None, responses={200: GenerationSerializer, 202: GenerationSerializer, 409: OpenApiResponse(description="Already finished")})
+    @extend_schema(
+        request=None,
+        responses={
+            200: OpenApiResponse(GenerationSerializer, description="Cancelled (or it finished meanwhile)."),
+            202: OpenApiResponse(GenerationSerializer, description="Still running: it stops at its next step."),
+            **error_responses(401, 404, 409, 429),
+        },
+    )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         generation = jobs.generation_cancel(generation=self.get_object())
@@ -150,13 +185,13 @@ class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.De
 
 
 class ModelsView(APIView):
-    @extend_schema(responses={200: {"type": "array", "items": {"type": "object"}}})
+    @extend_schema(responses={200: ModelDocSerializer(many=True), **error_responses(401, 429)})
     def get(self, request: Request) -> Response:
         return Response(system.models_overview())
 
 
 class StatusView(APIView):
-    @extend_schema(responses={200: {"type": "object"}})
+    @extend_schema(responses={200: StatusDocSerializer, **error_responses(401, 429)})
     def get(self, request: Request) -> Response:
         return Response(system.status_overview())
 
@@ -168,6 +203,6 @@ class HealthView(APIView):
     permission_classes: list[Any] = []
     throttle_classes: list[Any] = []
 
-    @extend_schema(responses={200: {"type": "object", "properties": {"status": {"type": "string"}}}})
+    @extend_schema(responses={200: HealthDocSerializer})
     def get(self, request: Request) -> Response:
         return Response({"status": "ok"})

@@ -206,9 +206,47 @@ try:
 except ConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 
-# --- Celery (QUEUE=celery) -----------------------------------------------------------------
-CELERY_BROKER_URL = env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
-CELERY_RESULT_BACKEND = env.get("CELERY_RESULT_BACKEND") or None
+# --- Celery (QUEUE=celery) and worker liveness ---------------------------------------------
+# The job row is the truth; the broker only carries "run generation <id>" messages.
+CELERY_BROKER_URL = env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0").strip()
+if not CELERY_BROKER_URL.startswith(("redis://", "rediss://", "amqp://", "amqps://", "memory://")):
+    raise ImproperlyConfigured(f"CELERY_BROKER_URL must be a redis:// (or amqp://) URL, got {CELERY_BROKER_URL!r}")
+# Queue for models that no CELERY_MODEL_QUEUES entry names; workers subscribe with -Q.
+CELERY_DEFAULT_QUEUE = env.get("CELERY_DEFAULT_QUEUE", "generations").strip() or "generations"
+# model_id=queue,...: jobs for a model go to the queue whose workers hold it.
+CELERY_MODEL_QUEUES: dict[str, str] = {}
+for _entry in _wrap(env_list, env, "CELERY_MODEL_QUEUES"):
+    _model, _sep, _queue = (part.strip() for part in _entry.partition("="))
+    if not _sep or not _model or not _queue:
+        raise ImproperlyConfigured(f"CELERY_MODEL_QUEUES entries must look like model_id=queue, got {_entry!r}")
+    CELERY_MODEL_QUEUES[_model] = _queue
+# Hard limit (the worker process is killed) and soft limit (the job fails) for one job, in seconds.
+CELERY_TASK_TIME_LIMIT = _wrap(env_int, env, "CELERY_TASK_TIME_LIMIT", 3600, minimum=10)
+CELERY_TASK_SOFT_TIME_LIMIT = _wrap(env_int, env, "CELERY_TASK_SOFT_TIME_LIMIT", CELERY_TASK_TIME_LIMIT - 60 if CELERY_TASK_TIME_LIMIT > 120 else CELERY_TASK_TIME_LIMIT // 2, minimum=5)
+if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT ({CELERY_TASK_TIME_LIMIT}), got {CELERY_TASK_SOFT_TIME_LIMIT}"
+    )
+# Redis redelivers an unacknowledged message after this many seconds. It must outlast the
+# longest job, or a job still running would be handed to a second worker.
+CELERY_VISIBILITY_TIMEOUT = _wrap(env_int, env, "CELERY_VISIBILITY_TIMEOUT", CELERY_TASK_TIME_LIMIT * 2, minimum=60)
+if CELERY_VISIBILITY_TIMEOUT <= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"CELERY_VISIBILITY_TIMEOUT must be longer than CELERY_TASK_TIME_LIMIT ({CELERY_TASK_TIME_LIMIT}), got {CELERY_VISIBILITY_TIMEOUT}"
+    )
+# Seconds between database checks while a synchronous request waits on a Celery job; the
+# finish itself arrives at once over Redis pub/sub, this is only the fallback.
+SYNC_POLL_INTERVAL = _wrap(env_float, env, "SYNC_POLL_INTERVAL", 2.0, minimum=0.05)
+# A running job's worker stamps heartbeat_at this often; a job whose stamp is older than
+# JOB_STALE_AFTER is taken as orphaned (its worker died) and is retried or failed worker_lost.
+JOB_HEARTBEAT_INTERVAL = _wrap(env_float, env, "JOB_HEARTBEAT_INTERVAL", 10.0, minimum=0.05)
+JOB_STALE_AFTER = _wrap(env_float, env, "JOB_STALE_AFTER", 120.0, minimum=0.2)
+if JOB_STALE_AFTER < 3 * JOB_HEARTBEAT_INTERVAL:
+    raise ImproperlyConfigured(
+        f"JOB_STALE_AFTER must be at least 3 x JOB_HEARTBEAT_INTERVAL ({3 * JOB_HEARTBEAT_INTERVAL:g}), got {JOB_STALE_AFTER:g}"
+    )
+# How often each Celery worker looks for orphaned jobs (it also does at start-up).
+JOB_RECOVERY_INTERVAL = _wrap(env_float, env, "JOB_RECOVERY_INTERVAL", 60.0, minimum=0.1)
 
 # --- Security (production) -----------------------------------------------------------------
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -221,6 +259,15 @@ if ENVIRONMENT == "production":
     SECURE_HSTS_SECONDS = _wrap(env_int, env, "SECURE_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = _wrap(env_bool, env, "SECURE_HSTS_PRELOAD", False)
+    # Liveness probes call the container over plain HTTP, without a proxy in between.
+    SECURE_REDIRECT_EXEMPT = [r"^api/health/$"]
+# Warnings of `manage.py check --deploy` left silenced, each with its reason. Nothing else is:
+# with DJANGO_ENV=production the deploy checks pass at fail level WARNING.
+SILENCED_SYSTEM_CHECKS = [
+    # security.W021, SECURE_HSTS_PRELOAD off: preloading is a commitment browsers take months
+    # to undo, so it is opt-in (SECURE_HSTS_PRELOAD=true), not a default.
+    "security.W021",
+]
 
 # --- Logging: console, verbose -------------------------------------------------------------
 LOG_LEVEL = env.get("LOG_LEVEL", "INFO").upper()

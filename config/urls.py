@@ -4,6 +4,10 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+# Under /api/, a URL that matches no route and an error outside a view answer in JSON too.
+handler404 = "api.exceptions.not_found_view"
+handler500 = "api.exceptions.server_error_view"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
