@@ -16,6 +16,15 @@ from typing import Any
 FAMILIES = ("sd15", "sd2", "sdxl")
 SOURCES = ("hub", "local", "builtin")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# The diffusers pipeline classes of each family: (txt2img, img2img). img2img is made from
+# the loaded txt2img pipeline with ``from_pipe``, so the two share one copy of the weights.
+FAMILY_PIPELINES: dict[str, tuple[str, str]] = {
+    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    "sd2": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,18 @@ class ModelSpec:
             return f"file://{self.path}"
         return "builtin://" + self.id
 
+    @property
+    def pipelines(self) -> dict[str, str]:
+        txt2img, img2img = FAMILY_PIPELINES[self.family]
+        return {"txt2img": txt2img, "img2img": img2img}
+
     def public_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tags"] = list(self.tags)
         # A local folder is operator configuration, not something to publish.
         data.pop("path", None)
         data["location"] = self.location if self.source != "local" else "local"
+        data["pipelines"] = self.pipelines
         return data
 
 
@@ -123,6 +138,19 @@ DEFAULT_CATALOG: tuple[ModelSpec, ...] = (
 )
 
 _SPEC_FIELDS = set(ModelSpec.__dataclass_fields__)
+_STR_FIELDS = (
+    "id",
+    "name",
+    "family",
+    "source",
+    "repo",
+    "path",
+    "revision",
+    "variant",
+    "prediction_type",
+    "description",
+)
+_BUILTIN_IDS = ("tiny-sd", "tiny-sdxl")
 
 
 class CatalogError(ValueError):
@@ -130,56 +158,94 @@ class CatalogError(ValueError):
 
 
 def spec_from_dict(data: dict[str, Any], *, base: ModelSpec | None = None, where: str = "") -> ModelSpec:
+    """A spec from one catalogue entry; over ``base`` (the entry it overrides) when given."""
     unknown = set(data) - _SPEC_FIELDS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
     values = dict(data)
+    for name in _STR_FIELDS:
+        if values.get(name) is not None and not isinstance(values[name], str):
+            raise CatalogError(f"{where}: {name} must be a string, got {values[name]!r}")
     if "tags" in values:
+        if not isinstance(values["tags"], list) or not all(isinstance(t, str) for t in values["tags"]):
+            raise CatalogError(f"{where}: tags must be a list of strings, got {values['tags']!r}")
         values["tags"] = tuple(values["tags"])
+    if "source" not in values:
+        # Giving a folder or a repository says where the model comes from.
+        if values.get("path") and values.get("repo"):
+            raise CatalogError(
+                f"{where}: give either 'repo' (hub) or 'path' (local folder), or say which with 'source'"
+            )
+        if values.get("path"):
+            values["source"] = "local"
+        elif values.get("repo"):
+            values["source"] = "hub"
     if base is not None:
         spec = replace(base, **values)
+        # A model moved to another source forgets the old one's location.
+        if spec.source != "hub" and "repo" not in values:
+            spec = replace(spec, repo=None, revision=None)
+        if spec.source != "local" and "path" not in values:
+            spec = replace(spec, path=None)
     else:
         missing = {"id", "family", "default_size"} - set(values)
         if missing:
             raise CatalogError(f"{where}: missing field(s) {sorted(missing)}")
         values.setdefault("name", values["id"])
-        if "source" not in values:
-            values["source"] = "local" if values.get("path") else "hub"
+        values.setdefault("source", "hub")
         spec = ModelSpec(**values)
     _check_spec(spec, where)
     return spec
 
 
 def _check_spec(spec: ModelSpec, where: str) -> None:
-    if not _ID_RE.match(spec.id):
+    if not isinstance(spec.id, str) or not _ID_RE.match(spec.id):
         raise CatalogError(f"{where}: id must match {_ID_RE.pattern}, got {spec.id!r}")
     if spec.family not in FAMILIES:
         raise CatalogError(f"{where}: family must be one of {list(FAMILIES)}, got {spec.family!r}")
     if spec.source not in SOURCES:
         raise CatalogError(f"{where}: source must be one of {list(SOURCES)}, got {spec.source!r}")
-    if spec.source == "hub" and not spec.repo:
-        raise CatalogError(f"{where}: a hub model needs 'repo'")
+    if spec.source == "hub" and not (spec.repo and _REPO_RE.match(spec.repo)):
+        raise CatalogError(f"{where}: a hub model needs 'repo' as owner/name, got {spec.repo!r}")
     if spec.source == "local" and not spec.path:
-        raise CatalogError(f"{where}: a local model needs 'path'")
-    if spec.source == "builtin" and spec.id not in {"tiny-sd", "tiny-sdxl"}:
-        raise CatalogError(f"{where}: builtin models are only 'tiny-sd' and 'tiny-sdxl'")
-    if not (isinstance(spec.default_size, int) and 64 <= spec.default_size <= 4096 and spec.default_size % 8 == 0):
-        raise CatalogError(f"{where}: default_size must be a multiple of 8 in [64, 4096], got {spec.default_size!r}")
+        raise CatalogError(f"{where}: a local model needs 'path', a diffusers folder (with model_index.json)")
+    if spec.source == "builtin" and spec.id not in _BUILTIN_IDS:
+        raise CatalogError(f"{where}: builtin models are only {' and '.join(_BUILTIN_IDS)}, got {spec.id!r}")
+    if spec.variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", spec.variant):
+        raise CatalogError(f"{where}: variant must be a weight-file variant such as 'fp16', got {spec.variant!r}")
+    if spec.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        raise CatalogError(
+            f"{where}: prediction_type must be epsilon, v_prediction or sample, got {spec.prediction_type!r}"
+        )
+    size = spec.default_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and 64 <= size <= 4096 and size % 8 == 0):
+        raise CatalogError(f"{where}: default_size must be a multiple of 8 in [64, 4096], got {size!r}")
+    if not (
+        isinstance(spec.default_steps, int)
+        and not isinstance(spec.default_steps, bool)
+        and 1 <= spec.default_steps <= 500
+    ):
+        raise CatalogError(f"{where}: default_steps must be an integer in [1, 500], got {spec.default_steps!r}")
+    guidance = spec.default_guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance <= 50:
+        raise CatalogError(f"{where}: default_guidance_scale must be a number in [0, 50], got {guidance!r}")
 
 
 def load_catalog(catalog_file: str | os.PathLike[str] | None = None) -> dict[str, ModelSpec]:
-    """The built-in catalogue, with an operator's JSON file (a list of entries) applied on top.
+    """The built-in catalogue, with an operator's JSON file applied on top.
 
-    An entry whose id exists overrides only the fields it gives; a new id adds a model;
-    ``{"id": "...", "remove": true}`` drops one.
+    The file holds a list of entries (or ``{"models": [...]}``). An entry whose id exists
+    overrides only the fields it gives; a new id adds a model; ``{"id": "...", "remove": true}``
+    drops one. An entry with ``path`` is a local diffusers folder (relative to the file),
+    one with ``repo`` a hub repository.
     """
     catalog = {spec.id: spec for spec in DEFAULT_CATALOG}
     if not catalog_file:
         return catalog
-    path = Path(catalog_file)
+    path = Path(catalog_file).expanduser()
     try:
         entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CatalogError(f"MODEL_CATALOG_FILE {path}: can't read JSON ({exc})") from exc
     if isinstance(entries, dict):
         entries = entries.get("models", entries)
@@ -187,14 +253,20 @@ def load_catalog(catalog_file: str | os.PathLike[str] | None = None) -> dict[str
         raise CatalogError(f"MODEL_CATALOG_FILE {path}: expected a list of model entries")
     for n, entry in enumerate(entries):
         where = f"MODEL_CATALOG_FILE {path} entry {n}"
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise CatalogError(f"{where}: each entry must be an object with an 'id'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            raise CatalogError(f"{where}: each entry must be an object with a string 'id'")
+        where = f"{where} ({entry['id']!r})"
         entry = dict(entry)
-        if entry.pop("remove", False):
-            catalog.pop(entry["id"], None)
+        remove = entry.pop("remove", False)
+        if not isinstance(remove, bool):
+            raise CatalogError(f"{where}: remove must be true or false, got {remove!r}")
+        if remove:
+            if entry["id"] not in catalog:
+                raise CatalogError(f"{where}: can't remove a model that isn't in the catalogue")
+            del catalog[entry["id"]]
             continue
-        if entry.get("path"):
+        if isinstance(entry.get("path"), str) and entry["path"]:
             # Relative local folders are relative to the catalogue file, not the cwd.
-            entry["path"] = str((path.parent / entry["path"]).resolve())
+            entry["path"] = str((path.parent / Path(entry["path"]).expanduser()).resolve())
         catalog[entry["id"]] = spec_from_dict(entry, base=catalog.get(entry["id"]), where=where)
     return catalog

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .devices import parse_device
+
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -133,8 +135,10 @@ class EngineConfig:
         base = Path(base_dir or env.get("BASE_DIR") or Path(__file__).resolve().parent.parent)
         tiny_dir = Path(env.get("TINY_MODELS_DIR") or base / ".cache" / "tiny-models")
         device = env.get("DEVICE", "").strip().lower()
-        if device and not (device == "cpu" or device == "mps" or device.startswith("cuda")):
-            raise ConfigError(f"DEVICE must be cpu, cuda, cuda:N or mps, got {device!r}")
+        try:
+            parse_device(device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             base_dir=base,
             use_local_models=env_choice(env, "USE_LOCAL_MODELS", "true", ("true", "false", "auto")),
