@@ -206,6 +206,20 @@ try:
 except ConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 
+# A broken catalogue file or an unknown default model stops the server now, not at the first request.
+from backend.catalog import CatalogError, load_catalog  # noqa: E402
+
+try:
+    _CATALOG = load_catalog(ENGINE.model_catalog_file or None)
+except CatalogError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+_unknown_models = [m for m in (DEFAULT_MODEL, *PRELOAD_MODELS) if m not in _CATALOG]
+if _unknown_models:
+    raise ImproperlyConfigured(
+        f"DEFAULT_MODEL / PRELOAD_MODELS name models that are not in the catalogue: {', '.join(_unknown_models)}; "
+        f"valid ids: {', '.join(sorted(_CATALOG))}"
+    )
+
 # --- Celery (QUEUE=celery) and worker liveness ---------------------------------------------
 # The job row is the truth; the broker only carries "run generation <id>" messages.
 CELERY_BROKER_URL = env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0").strip()
