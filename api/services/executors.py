@@ -7,14 +7,12 @@ executor has exactly one worker thread, and a request thread never calls a pipel
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import threading
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 from ..models import FINISHED, Generation, Status
 
@@ -46,7 +44,12 @@ class ThreadExecutor:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.worker_name = f"thread@{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def worker_name(self) -> str:
+        from .liveness import worker_identity
+
+        return worker_identity("thread")
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -58,14 +61,28 @@ class ThreadExecutor:
         log.info("in-process generation worker started (%s)", self.worker_name)
 
     def startup(self) -> None:
-        """At server start: recover jobs a dead process left behind, requeue queued ones, preload."""
-        from .jobs import generation_recover
+        """At server start: recover jobs a dead process left behind, requeue queued ones, preload.
 
+        A job is taken from its worker only when that worker is gone: its pid no longer exists
+        (same machine), its heartbeat is older than JOB_STALE_AFTER, or it carries this very
+        process's name (a restarted container reuses pids). So a second web process starting
+        beside a live one leaves the live one's job alone.
+        """
+        from .jobs import generation_recover
+        from .liveness import OrphanTest
+
+        # Before this process's own worker thread runs anything, a row with its name is stale.
+        fresh = self._thread is None or not self._thread.is_alive()
         try:
-            outcome = generation_recover(max_attempts=settings.MAX_ATTEMPTS)
-            if outcome["requeued"] or outcome["failed"]:
+            outcome = generation_recover(
+                max_attempts=settings.MAX_ATTEMPTS,
+                is_orphaned=OrphanTest(me=self.worker_name, stale_after=settings.JOB_STALE_AFTER, startup=fresh),
+            )
+            if any(outcome.values()):
                 log.warning("recovered jobs left running by a dead process: %s", outcome)
-            pending = list(Generation.objects.filter(status=Status.QUEUED).order_by("created_at").values_list("pk", flat=True))
+            pending = list(
+                Generation.objects.filter(status=Status.QUEUED).order_by("created_at").values_list("pk", flat=True)
+            )
         finally:
             close_old_connections()
         self.start()
@@ -114,11 +131,18 @@ class ThreadExecutor:
                 if action == "preload":
                     self._preload(arg)
                 else:
-                    generation_execute(generation_id=arg, worker=self.worker_name, cancel_flag=lambda key=arg: key in self._cancelled)
+                    generation_execute(
+                        generation_id=arg, worker=self.worker_name, cancel_flag=lambda key=arg: key in self._cancelled
+                    )
             except Exception:  # noqa: BLE001 - the worker thread must survive anything
                 log.exception("worker thread error on %s %s", action, arg)
             finally:
-                close_old_connections()
+                if self._queue.empty():
+                    # Idle: hold no database session (PostgreSQL counts them; a test database
+                    # can't be dropped while one is open).
+                    connection.close()
+                else:
+                    close_old_connections()
                 if action == "run":
                     with self._lock:
                         self._cancelled.discard(arg)
@@ -150,6 +174,14 @@ def get_executor() -> Executor:
                 else:
                     _executor = ThreadExecutor()
     return _executor
+
+
+def set_executor(executor: Executor | None) -> Executor | None:
+    """Replace this process's executor (None: chosen again from settings); returns the old one."""
+    global _executor
+    with _executor_lock:
+        previous, _executor = _executor, executor
+    return previous
 
 
 def startup() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 from PIL import Image
@@ -37,6 +37,7 @@ ERROR_HTTP_STATUS = {
     "unknown_model": 400,
     "model_unavailable": 503,
     "model_access_denied": 503,
+    "model_not_found": 503,
     "device_unavailable": 503,
     "out_of_memory": 503,
     "worker_lost": 500,
@@ -220,8 +221,9 @@ def image_b64(image: GeneratedImage) -> str:
 class _ProgressWriter:
     """Writes progress to the row at most every PROGRESS_MIN_INTERVAL seconds, and the last step."""
 
-    def __init__(self, generation_id: Any) -> None:
+    def __init__(self, generation_id: Any, lease: dict[str, Any] | None = None) -> None:
         self.generation_id = generation_id
+        self.lease = lease or {}
         self.interval = settings.PROGRESS_MIN_INTERVAL
         self.last = 0.0
 
@@ -231,18 +233,23 @@ class _ProgressWriter:
             return
         self.last = now
         total = max(total, 1)
-        Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING).update(
+        Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING, **self.lease).update(
             progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
             heartbeat_at=timezone.now(),
         )
 
 
 class _CancelCheck:
-    """True once a cancel was asked for: in-process flag at once, the row every half second."""
+    """True once a cancel was asked for: in-process flag at once, the row every half second.
 
-    def __init__(self, generation_id: Any, flag: Callable[[], bool] | None) -> None:
+    Also true once the row no longer holds this attempt (deleted, or recovered and handed to
+    another worker while this one was presumed dead): the job is no longer ours to finish.
+    """
+
+    def __init__(self, generation_id: Any, flag: Callable[[], bool] | None, lease: dict[str, Any] | None = None) -> None:
         self.generation_id = generation_id
         self.flag = flag
+        self.lease = lease or {}
         self.last = 0.0
         self.cancelled = False
 
@@ -253,8 +260,13 @@ class _CancelCheck:
         now = time.monotonic()
         if now - self.last >= 0.5:
             self.last = now
-            row = Generation.objects.filter(pk=self.generation_id).values_list("cancel_requested", flat=True).first()
-            self.cancelled = row is None or bool(row)
+            row = Generation.objects.filter(pk=self.generation_id).values("cancel_requested", "status", "worker", "attempts").first()
+            self.cancelled = (
+                row is None
+                or row["cancel_requested"]
+                or row["status"] != Status.RUNNING
+                or any(row[k] != v for k, v in self.lease.items())
+            )
         return self.cancelled
 
 
@@ -272,27 +284,32 @@ def generation_claim(*, generation_id: Any, worker: str) -> bool:
     )
 
 
-def _finish(generation_id: Any, status: str, **fields: Any) -> int:
-    return Generation.objects.filter(pk=generation_id, status=Status.RUNNING).update(
+def _finish(generation_id: Any, status: str, lease: dict[str, Any] | None = None, **fields: Any) -> int:
+    """Only the attempt that holds the row (``lease``: its worker and attempt number) finishes it."""
+    return Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
         status=status, finished_at=timezone.now(), **fields
     )
 
 
 def generation_execute(*, generation_id: Any, worker: str, cancel_flag: Callable[[], bool] | None = None) -> str | None:
     """Claim and run one job. Returns its final status, or None if it wasn't ours to run."""
+    from .liveness import Heartbeat
+
     if not generation_claim(generation_id=generation_id, worker=worker):
         return None
+    lease = {"worker": worker[:128], "attempts": Generation.objects.values_list("attempts", flat=True).get(pk=generation_id)}
     try:
-        return _run_claimed(generation_id, cancel_flag)
+        with Heartbeat(generation_id, lease, settings.JOB_HEARTBEAT_INTERVAL):
+            return _run_claimed(generation_id, cancel_flag, lease)
     finally:
         # Whatever happened above (even a BaseException), the job doesn't stay running.
         try:
-            _finish(generation_id, Status.FAILED, error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500})
+            _finish(generation_id, Status.FAILED, lease, error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500})
         except Exception:  # noqa: BLE001 - the database itself may be what failed
             log.exception("could not mark generation %s failed", generation_id)
 
 
-def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None) -> str:
+def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lease: dict[str, Any]) -> str:
     generation = Generation.objects.get(pk=generation_id)
     started = generation.started_at or timezone.now()
     queue_s = (started - generation.created_at).total_seconds()
@@ -306,22 +323,23 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None) -> 
         output = get_backend().generate(
             params,
             init_image=init_image,
-            on_progress=_ProgressWriter(generation_id),
-            should_cancel=_CancelCheck(generation_id, cancel_flag),
+            on_progress=_ProgressWriter(generation_id, lease),
+            should_cancel=_CancelCheck(generation_id, cancel_flag, lease),
         )
     except GenerationCancelled as exc:
-        _finish(generation_id, Status.CANCELLED, error={"code": "cancelled", "message": str(exc)})
+        _finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(exc)})
         return Status.CANCELLED
     except EngineError as exc:
         log.warning("generation %s failed: %s (%s)", generation_id, exc.message, exc.code)
         status_code = ERROR_HTTP_STATUS.get(exc.code, exc.http_status if exc.http_status >= 400 else 500)
-        _finish(generation_id, Status.FAILED, error={"code": exc.code, "message": exc.message, "http_status": status_code})
+        _finish(generation_id, Status.FAILED, lease, error={"code": exc.code, "message": exc.message, "http_status": status_code})
         return Status.FAILED
     except Exception as exc:  # noqa: BLE001 - any bug becomes a failed job, not a dead worker
         log.exception("generation %s crashed", generation_id)
         _finish(
             generation_id,
             Status.FAILED,
+            lease,
             error={"code": "internal_error", "message": f"generation failed unexpectedly ({type(exc).__name__})", "http_status": 500},
         )
         return Status.FAILED
@@ -347,6 +365,7 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None) -> 
         done = _finish(
             generation_id,
             Status.SUCCEEDED,
+            lease,
             backend=output.backend,
             timings=timings,
             warnings=output.warnings,
@@ -356,26 +375,52 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None) -> 
         if done:
             GeneratedImage.objects.bulk_create(written)
     if not done:
-        # Deleted or failed over while we ran: leave no files without a row.
-        shutil.rmtree(media_root() / folder, ignore_errors=True)
+        # Deleted, cancelled or failed over while we ran: leave no files without a row. A
+        # row that another attempt now runs or finished keeps the folder: its images have
+        # the same names, and removing them would break that attempt's result.
+        if not Generation.objects.filter(pk=generation_id, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
+            shutil.rmtree(media_root() / folder, ignore_errors=True)
         return Status.CANCELLED
     return Status.SUCCEEDED
 
 
-def generation_recover(*, max_attempts: int, worker_prefix: str | None = None) -> dict[str, int]:
-    """Jobs left ``running`` by a dead worker: requeue under the attempt limit, else fail ``worker_lost``."""
-    close_old_connections()
-    stale = Generation.objects.filter(status=Status.RUNNING)
-    if worker_prefix is not None:
-        stale = stale.filter(worker__startswith=worker_prefix)
-    requeued = stale.filter(attempts__lt=max_attempts, cancel_requested=False).update(status=Status.QUEUED, started_at=None, progress=None)
-    failed = Generation.objects.filter(status=Status.RUNNING).filter(
-        **({"worker__startswith": worker_prefix} if worker_prefix is not None else {})
-    ).update(
-        status=Status.FAILED,
-        finished_at=timezone.now(),
-        error={"code": "worker_lost", "message": "the worker running this job died", "http_status": 500},
-    )
-    for generation in Generation.objects.filter(status=Status.FAILED, error__code="worker_lost", images__isnull=True):
-        shutil.rmtree(media_root() / generation_dir(generation.id), ignore_errors=True)
-    return {"requeued": requeued, "failed": failed}
+def generation_recover(
+    *, max_attempts: int, is_orphaned: Callable[[Generation], bool], generation_ids: list[Any] | None = None
+) -> dict[str, list[Any]]:
+    """Jobs left ``running`` by a dead worker: requeue under the attempt limit, else fail ``worker_lost``.
+
+    ``is_orphaned`` says, row by row, whether the worker holding it is gone. Every change is
+    conditional on the row still holding the same worker and attempt, so two processes that
+    recover at once, or a worker that was only slow, can't both act on one job. Requeued ids
+    come back for the caller to hand to its executor.
+    """
+    outcome: dict[str, list[Any]] = {"requeued": [], "failed": [], "cancelled": []}
+    rows = Generation.objects.filter(status=Status.RUNNING)
+    if generation_ids is not None:
+        rows = rows.filter(pk__in=generation_ids)
+    for row in rows.only("id", "worker", "attempts", "heartbeat_at", "started_at", "cancel_requested"):
+        if not is_orphaned(row):
+            continue
+        held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
+        now = timezone.now()
+        if row.cancel_requested:
+            key = "cancelled"
+            changed = held.update(
+                status=Status.CANCELLED, finished_at=now, error={"code": "cancelled", "message": "cancelled while its worker was lost"}
+            )
+        elif row.attempts < max_attempts:
+            key = "requeued"
+            # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
+            changed = held.filter(cancel_requested=False).update(status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None)
+        else:
+            key = "failed"
+            message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
+            changed = held.update(
+                status=Status.FAILED, finished_at=now, error={"code": "worker_lost", "message": message, "http_status": 500}
+            )
+        if changed:
+            # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
+            shutil.rmtree(media_root() / generation_dir(row.pk), ignore_errors=True)
+            outcome[key].append(row.pk)
+            log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
+    return outcome

@@ -1,0 +1,94 @@
+"""The Celery app for QUEUE=celery: one worker per GPU, each running one generation at a time.
+
+    celery -A config worker --concurrency 1 -Q generations
+
+The job row in the database is what makes a job safe, not the broker: a worker claims the row
+with a conditional UPDATE, so a message delivered twice runs the job once, and a job whose
+worker died is found by the row's worker name and heartbeat (api/services/liveness.py) and
+retried up to MAX_ATTEMPTS, then failed ``worker_lost``. The broker settings below make
+Redis hand a job back when its worker dies, and never to two workers while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+TASK_NAME = "api.tasks.generation_run"
+
+# A submit waits for the broker this long at most before the request gets its 503.
+SUBMIT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5}
+
+
+def make_app(broker_url: str | None = None) -> Celery:
+    """The app, configured from Django settings; ``broker_url`` overrides CELERY_BROKER_URL."""
+    from django.conf import settings
+
+    app = Celery("sdapi")
+    app.conf.update(
+        broker_url=broker_url or settings.CELERY_BROKER_URL,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_transport_options={
+            # Unacknowledged messages come back after this long: longer than any job may run.
+            "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT,
+            "socket_connect_timeout": 3,
+            # A publish to a broker that vanished without closing the socket fails, not hangs.
+            "socket_timeout": 15,
+            "socket_keepalive": True,
+        },
+        include=["api.tasks"],
+        task_default_queue=settings.CELERY_DEFAULT_QUEUE,
+        task_routes={TASK_NAME: {"queue": settings.CELERY_DEFAULT_QUEUE}},
+        task_create_missing_queues=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # Results live in the job row; no result backend.
+        task_ignore_result=True,
+        result_backend=None,
+        # Acknowledge after the job, not before: a worker that dies mid-job leaves the message
+        # to be delivered again. Reject (requeue) it when the pool child running it dies, so
+        # another child or worker picks it up at once; the row's attempt count, not the
+        # broker, stops a job that kills its worker every time.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        # One job at a time per worker, and no second job reserved behind it: a queued job
+        # waits in Redis where any free GPU can take it.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        task_time_limit=settings.CELERY_TASK_TIME_LIMIT,
+        task_soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT,
+        # A broker hiccup must not throw away a GPU job that is half done: the job goes on, and
+        # a message delivered again meanwhile finds the row claimed and does nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        broker_pool_limit=10,
+    )
+    return app
+
+
+app = make_app()
+
+
+@signals.worker_process_init.connect
+def _preload_in_pool_process(**_: Any) -> None:
+    # The process that runs jobs (the solo worker, or the prefork child) loads PRELOAD_MODELS;
+    # in a side thread, because a prefork child must report ready within seconds.
+    from api.services.celery_executor import preload_models
+
+    preload_models()
+
+
+@signals.worker_ready.connect
+def _recover_on_worker_start(**_: Any) -> None:
+    # Runs before the worker takes its first job, so rows bearing its own name are stale.
+    from api.services.celery_executor import start_recovery
+
+    start_recovery()
