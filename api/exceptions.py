@@ -20,7 +20,9 @@ log = logging.getLogger("api")
 class ApiError(exceptions.APIException):
     """An error with its own machine code, raised by services and views."""
 
-    def __init__(self, message: str, *, code: str, status_code: int = 400, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str, status_code: int = 400, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail=message, code=code)
         self.status_code = status_code
         self.error_code = code

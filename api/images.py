@@ -55,7 +55,9 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
         raise ImageInputError(f"the image could not be read ({type(exc).__name__})") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageInputError(f"the image must have at most {max_pixels} pixels, got {width}x{height} = {width * height}")
+        raise ImageInputError(
+            f"the image must have at most {max_pixels} pixels, got {width}x{height} = {width * height}"
+        )
     if width < 1 or height < 1:
         raise ImageInputError(f"the image has no pixels ({width}x{height})")
     try:

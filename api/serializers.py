@@ -100,7 +100,10 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
             unknown = sorted(set(data.keys()) - allowed)
             if unknown:
                 raise serializers.ValidationError(
-                    {name: [f"unknown field {name!r}; allowed fields: {', '.join(sorted(allowed))}"] for name in unknown}
+                    {
+                        name: [f"unknown field {name!r}; allowed fields: {', '.join(sorted(allowed))}"]
+                        for name in unknown
+                    }
                 )
         elif data is not None:
             raise serializers.ValidationError({"non_field_errors": ["the request body must be a JSON object"]})
@@ -177,7 +180,11 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
         catalog = model_catalog()
         if model_id not in catalog:
             raise serializers.ValidationError(
-                {"model_id": [f"model_id must be one of {', '.join(sorted(catalog))}, got {model_id!r} (DEFAULT_MODEL)"]}
+                {
+                    "model_id": [
+                        f"model_id must be one of {', '.join(sorted(catalog))}, got {model_id!r} (DEFAULT_MODEL)"
+                    ]
+                }
             )
         spec: ModelSpec = catalog[model_id]
         width = attrs.get("width") or spec.default_size
@@ -232,7 +239,11 @@ class Img2ImgRequestSerializer(Txt2ImgRequestSerializer):
         effective = int(params.steps * params.strength)
         if effective < 1:
             raise serializers.ValidationError(
-                {"strength": [f"steps x strength must be at least 1, got {params.steps} x {params.strength} = {params.steps * params.strength:g}"]}
+                {
+                    "strength": [
+                        f"steps x strength must be at least 1, got {params.steps} x {params.strength} = {params.steps * params.strength:g}"
+                    ]
+                }
             )
         return attrs
 

@@ -73,7 +73,9 @@ class _GenerateView(APIView):
     def post(self, request: Request) -> Response:
         idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
         if idempotency_key is not None and len(idempotency_key) > 255:
-            raise ValidationError({"Idempotency-Key": [f"Idempotency-Key must be at most 255 characters, got {len(idempotency_key)}"]})
+            raise ValidationError(
+                {"Idempotency-Key": [f"Idempotency-Key must be at most 255 characters, got {len(idempotency_key)}"]}
+            )
         serializer = self.serializer_class(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -134,7 +136,9 @@ class Img2ImgView(_GenerateView):
         responses={204: OpenApiResponse(description="Deleted, with its image files."), **error_responses(401, 404, 429)}
     ),
 )
-class ResultsViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+class ResultsViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
     serializer_class = GenerationSerializer
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
 

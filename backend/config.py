@@ -40,7 +40,9 @@ def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[s
     return value
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default

@@ -133,7 +133,10 @@ SERVE_MEDIA = _wrap(env_bool, env, "SERVE_MEDIA", True)
 
 # --- REST framework -------------------------------------------------------------------------
 REST_FRAMEWORK = {
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
     "DEFAULT_PARSER_CLASSES": [
         "rest_framework.parsers.JSONParser",
         "rest_framework.parsers.MultiPartParser",
@@ -196,7 +199,9 @@ GENERATION_LIMITS = {
     "MAX_TOTAL_WORK": _wrap(env_int, env, "MAX_TOTAL_WORK", 1024 * 1024 * 4 * 50, minimum=1),
 }
 # A request body a little over the upload cap (base64 inflates by 4/3) is refused unparsed.
-DATA_UPLOAD_MAX_MEMORY_SIZE = _wrap(env_int, env, "MAX_REQUEST_BYTES", GENERATION_LIMITS["MAX_UPLOAD_BYTES"] * 4 // 3 + 64 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = _wrap(
+    env_int, env, "MAX_REQUEST_BYTES", GENERATION_LIMITS["MAX_UPLOAD_BYTES"] * 4 // 3 + 64 * 1024
+)
 FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
 RESULTS_PAGE_SIZE = 20
 RESULTS_MAX_PAGE_SIZE = 100
@@ -236,7 +241,13 @@ for _entry in _wrap(env_list, env, "CELERY_MODEL_QUEUES"):
     CELERY_MODEL_QUEUES[_model] = _queue
 # Hard limit (the worker process is killed) and soft limit (the job fails) for one job, in seconds.
 CELERY_TASK_TIME_LIMIT = _wrap(env_int, env, "CELERY_TASK_TIME_LIMIT", 3600, minimum=10)
-CELERY_TASK_SOFT_TIME_LIMIT = _wrap(env_int, env, "CELERY_TASK_SOFT_TIME_LIMIT", CELERY_TASK_TIME_LIMIT - 60 if CELERY_TASK_TIME_LIMIT > 120 else CELERY_TASK_TIME_LIMIT // 2, minimum=5)
+CELERY_TASK_SOFT_TIME_LIMIT = _wrap(
+    env_int,
+    env,
+    "CELERY_TASK_SOFT_TIME_LIMIT",
+    CELERY_TASK_TIME_LIMIT - 60 if CELERY_TASK_TIME_LIMIT > 120 else CELERY_TASK_TIME_LIMIT // 2,
+    minimum=5,
+)
 if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured(
         f"CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT ({CELERY_TASK_TIME_LIMIT}), got {CELERY_TASK_SOFT_TIME_LIMIT}"

@@ -1,3 +1,5 @@
+import re
+
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
@@ -19,5 +21,9 @@ if settings.SERVE_MEDIA:
     # Generated images, served by Django itself (also under runserver and gunicorn);
     # put a proxy or CDN in front for heavy traffic. serve() refuses paths outside MEDIA_ROOT.
     urlpatterns.append(
-        re_path(r"^%s(?P<path>.*)$" % settings.MEDIA_URL.lstrip("/"), serve, {"document_root": settings.MEDIA_ROOT})
+        re_path(
+            r"^" + re.escape(settings.MEDIA_URL.lstrip("/")) + r"(?P<path>.*)$",
+            serve,
+            {"document_root": settings.MEDIA_ROOT},
+        )
     )

@@ -182,11 +182,17 @@ def generation_cancel(*, generation: Generation) -> Generation:
     from .executors import get_executor
 
     if generation.status in FINISHED:
-        raise Conflict(f"generation {generation.id} already finished with status {generation.status}; it can't be cancelled", code="already_finished")
+        raise Conflict(
+            f"generation {generation.id} already finished with status {generation.status}; it can't be cancelled",
+            code="already_finished",
+        )
     now = timezone.now()
     # A queued job is cancelled on the spot: the claim in generation_execute then fails.
     if Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
-        status=Status.CANCELLED, cancel_requested=True, finished_at=now, error={"code": "cancelled", "message": "cancelled before it started"}
+        status=Status.CANCELLED,
+        cancel_requested=True,
+        finished_at=now,
+        error={"code": "cancelled", "message": "cancelled before it started"},
     ):
         _remove_files(generation)
         get_executor().notify_finished(generation.id)
@@ -246,7 +252,9 @@ class _CancelCheck:
     another worker while this one was presumed dead): the job is no longer ours to finish.
     """
 
-    def __init__(self, generation_id: Any, flag: Callable[[], bool] | None, lease: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, generation_id: Any, flag: Callable[[], bool] | None, lease: dict[str, Any] | None = None
+    ) -> None:
         self.generation_id = generation_id
         self.flag = flag
         self.lease = lease or {}
@@ -260,7 +268,11 @@ class _CancelCheck:
         now = time.monotonic()
         if now - self.last >= 0.5:
             self.last = now
-            row = Generation.objects.filter(pk=self.generation_id).values("cancel_requested", "status", "worker", "attempts").first()
+            row = (
+                Generation.objects.filter(pk=self.generation_id)
+                .values("cancel_requested", "status", "worker", "attempts")
+                .first()
+            )
             self.cancelled = (
                 row is None
                 or row["cancel_requested"]
@@ -297,14 +309,22 @@ def generation_execute(*, generation_id: Any, worker: str, cancel_flag: Callable
 
     if not generation_claim(generation_id=generation_id, worker=worker):
         return None
-    lease = {"worker": worker[:128], "attempts": Generation.objects.values_list("attempts", flat=True).get(pk=generation_id)}
+    lease = {
+        "worker": worker[:128],
+        "attempts": Generation.objects.values_list("attempts", flat=True).get(pk=generation_id),
+    }
     try:
         with Heartbeat(generation_id, lease, settings.JOB_HEARTBEAT_INTERVAL):
             return _run_claimed(generation_id, cancel_flag, lease)
     finally:
         # Whatever happened above (even a BaseException), the job doesn't stay running.
         try:
-            _finish(generation_id, Status.FAILED, lease, error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500})
+            _finish(
+                generation_id,
+                Status.FAILED,
+                lease,
+                error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500},
+            )
         except Exception:  # noqa: BLE001 - the database itself may be what failed
             log.exception("could not mark generation %s failed", generation_id)
 
@@ -332,7 +352,12 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lea
     except EngineError as exc:
         log.warning("generation %s failed: %s (%s)", generation_id, exc.message, exc.code)
         status_code = ERROR_HTTP_STATUS.get(exc.code, exc.http_status if exc.http_status >= 400 else 500)
-        _finish(generation_id, Status.FAILED, lease, error={"code": exc.code, "message": exc.message, "http_status": status_code})
+        _finish(
+            generation_id,
+            Status.FAILED,
+            lease,
+            error={"code": exc.code, "message": exc.message, "http_status": status_code},
+        )
         return Status.FAILED
     except Exception as exc:  # noqa: BLE001 - any bug becomes a failed job, not a dead worker
         log.exception("generation %s crashed", generation_id)
@@ -340,7 +365,11 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lea
             generation_id,
             Status.FAILED,
             lease,
-            error={"code": "internal_error", "message": f"generation failed unexpectedly ({type(exc).__name__})", "http_status": 500},
+            error={
+                "code": "internal_error",
+                "message": f"generation failed unexpectedly ({type(exc).__name__})",
+                "http_status": 500,
+            },
         )
         return Status.FAILED
     run_s = time.perf_counter() - t0
@@ -353,7 +382,14 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lea
         data = png_bytes(item.image, text={"parameters": parameters_text(params.to_dict(), item.seed)})
         write_atomic(media_root(), name, data)
         written.append(
-            GeneratedImage(generation_id=generation_id, index=index, file=name, seed=item.seed, width=item.image.width, height=item.image.height)
+            GeneratedImage(
+                generation_id=generation_id,
+                index=index,
+                file=name,
+                seed=item.seed,
+                width=item.image.width,
+                height=item.image.height,
+            )
         )
     timings = {
         "queue_s": round(queue_s, 4),
@@ -406,17 +442,23 @@ def generation_recover(
         if row.cancel_requested:
             key = "cancelled"
             changed = held.update(
-                status=Status.CANCELLED, finished_at=now, error={"code": "cancelled", "message": "cancelled while its worker was lost"}
+                status=Status.CANCELLED,
+                finished_at=now,
+                error={"code": "cancelled", "message": "cancelled while its worker was lost"},
             )
         elif row.attempts < max_attempts:
             key = "requeued"
             # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
-            changed = held.filter(cancel_requested=False).update(status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None)
+            changed = held.filter(cancel_requested=False).update(
+                status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None
+            )
         else:
             key = "failed"
             message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
             changed = held.update(
-                status=Status.FAILED, finished_at=now, error={"code": "worker_lost", "message": message, "http_status": 500}
+                status=Status.FAILED,
+                finished_at=now,
+                error={"code": "worker_lost", "message": message, "http_status": 500},
             )
         if changed:
             # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.

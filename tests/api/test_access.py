@@ -108,7 +108,9 @@ def test_active_job_cap_is_counted_in_the_database(settings):
     row = ApiKey.objects.get(name="busy")
     # Jobs another process queued for this key (rows, not in-memory state).
     for i in range(2):
-        Generation.objects.create(kind="txt2img", model_id="tiny-sd", seed=i, status="queued" if i else "running", owner=row)
+        Generation.objects.create(
+            kind="txt2img", model_id="tiny-sd", seed=i, status="queued" if i else "running", owner=row
+        )
     r = client_for(key).post("/api/txt2img/", {"prompt": "x"}, format="json")
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "too_many_active_jobs"
@@ -144,7 +146,10 @@ def test_body_over_the_limit_is_refused_unparsed(api, settings):
     assert len(at_limit) == 1000
     r = api.post("/api/txt2img/", data=b'{"prompt": "' + b"a" * 2000 + b'"}', content_type="application/json")
     assert r.status_code == 413
-    assert r.json()["error"] == {"code": "request_too_large", "message": "the request body must be at most 1000 bytes, got 2014"}
+    assert r.json()["error"] == {
+        "code": "request_too_large",
+        "message": "the request body must be at most 1000 bytes, got 2014",
+    }
     assert Generation.objects.count() == 0
     # At the limit the body is parsed (and here refused for the prompt cap, not the size).
     settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_PROMPT_CHARS": 10}

@@ -16,7 +16,9 @@ from tests.conftest import media_path
 
 
 def post_json(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
             return resp.status, json.loads(resp.read())
@@ -26,7 +28,9 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
 
 def test_eight_simultaneous_requests_all_succeed_one_pipeline_at_a_time(live_server, tiny_model_dirs):
     url = live_server.url + "/api/txt2img/"
-    bodies = [{"prompt": f"scene {i}", "seed": 1000 + i, "model_id": "tiny-sd" if i % 2 else "tiny-sdxl"} for i in range(8)]
+    bodies = [
+        {"prompt": f"scene {i}", "seed": 1000 + i, "model_id": "tiny-sd" if i % 2 else "tiny-sdxl"} for i in range(8)
+    ]
     results: list[tuple[int, dict] | None] = [None] * 8
     start = threading.Barrier(8)
 
@@ -63,9 +67,19 @@ def test_eight_simultaneous_requests_all_succeed_one_pipeline_at_a_time(live_ser
 def broken_model(tmp_path: Path):
     folder = tmp_path / "broken-model"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
     manager = get_manager()
-    manager.catalog["broken-local"] = ModelSpec(id="broken-local", name="Broken", family="sd15", default_size=64, source="local", path=str(folder), default_steps=2)
+    manager.catalog["broken-local"] = ModelSpec(
+        id="broken-local",
+        name="Broken",
+        family="sd15",
+        default_size=64,
+        source="local",
+        path=str(folder),
+        default_steps=2,
+    )
     yield "broken-local"
     manager.catalog.pop("broken-local", None)
 

@@ -18,7 +18,11 @@ pytestmark = pytest.mark.usefixtures("live_db")
 
 def test_multipart_upload(api):
     upload = SimpleUploadedFile("../../evil name.png", png_of((10, 200, 10)), content_type="image/png")
-    r = api.post("/api/img2img/", {"prompt": "a green field", "image": upload, "seed": "9", "strength": "0.5"}, format="multipart")
+    r = api.post(
+        "/api/img2img/",
+        {"prompt": "a green field", "image": upload, "seed": "9", "strength": "0.5"},
+        format="multipart",
+    )
     assert r.status_code == 200, r.content
     body = r.json()
     assert body["kind"] == "img2img" and body["status"] == "succeeded"
@@ -44,7 +48,11 @@ def test_base64_and_data_url_give_the_same_image_as_multipart(api):
 
 def test_jpeg_and_webp_inputs_are_accepted(api):
     for fmt in ("JPEG", "WEBP"):
-        r = api.post("/api/img2img/", {"prompt": "x", "seed": 1, "image": base64.b64encode(png_of(fmt=fmt)).decode()}, format="json")
+        r = api.post(
+            "/api/img2img/",
+            {"prompt": "x", "seed": 1, "image": base64.b64encode(png_of(fmt=fmt)).decode()},
+            format="json",
+        )
         assert r.status_code == 200, (fmt, r.content)
 
 
@@ -61,7 +69,9 @@ def test_strength_changes_the_result_and_the_input_matters(api):
 
 def test_input_is_resized_to_the_requested_size(api):
     image = base64.b64encode(png_of(size=(100, 80))).decode()
-    body = api.post("/api/img2img/", {"prompt": "x", "seed": 1, "image": image, "width": 96, "height": 64}, format="json").json()
+    body = api.post(
+        "/api/img2img/", {"prompt": "x", "seed": 1, "image": image, "width": 96, "height": 64}, format="json"
+    ).json()
     with Image.open(media_path(body["images"][0]["url"])) as out:
         assert out.size == (96, 64)
 

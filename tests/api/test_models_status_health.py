@@ -10,7 +10,15 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("live_db")
 
-CATALOGUE = {"stable-diffusion-v1-5", "stable-diffusion-2-1", "dreamshaper-8", "sdxl-base-1.0", "openjourney-v4", "tiny-sd", "tiny-sdxl"}
+CATALOGUE = {
+    "stable-diffusion-v1-5",
+    "stable-diffusion-2-1",
+    "dreamshaper-8",
+    "sdxl-base-1.0",
+    "openjourney-v4",
+    "tiny-sd",
+    "tiny-sdxl",
+}
 
 
 def test_models_lists_the_catalogue_with_loaded_flags(api):

@@ -16,8 +16,13 @@ def make_rows(n: int) -> list[Generation]:
     now = timezone.now()
     rows = [
         Generation(
-            id=uuid.uuid4(), kind="txt2img", model_id="tiny-sd", seed=i, status="succeeded",
-            params={"prompt": f"p{i}"}, created_at=now,
+            id=uuid.uuid4(),
+            kind="txt2img",
+            model_id="tiny-sd",
+            seed=i,
+            status="succeeded",
+            params={"prompt": f"p{i}"},
+            created_at=now,
         )
         for i in range(n)
     ]

@@ -70,7 +70,9 @@ def test_b64_json_response_format_inlines_the_png(api):
 
 
 def test_sdxl_shaped_model_runs_with_the_sdxl_pipeline(api):
-    r = api.post("/api/txt2img/", {"prompt": "x", "model_id": "tiny-sdxl", "seed": 5, "width": 64, "height": 96}, format="json")
+    r = api.post(
+        "/api/txt2img/", {"prompt": "x", "model_id": "tiny-sdxl", "seed": 5, "width": 64, "height": 96}, format="json"
+    )
     assert r.status_code == 200, r.content
     body = r.json()
     assert body["model_id"] == "tiny-sdxl"
@@ -128,7 +130,9 @@ def test_generations_show_in_the_admin(api, django_user_model, client):
 def test_prompt_longer_than_the_token_window_is_generated_with_a_warning(api):
     short = api.post("/api/txt2img/", {"prompt": "a" * 70, "seed": 1}, format="json").json()
     assert short["warnings"] == []
-    long = api.post("/api/txt2img/", {"prompt": "a" * 200, "seed": 1, "negative_prompt": "b" * 10}, format="json").json()
+    long = api.post(
+        "/api/txt2img/", {"prompt": "a" * 200, "seed": 1, "negative_prompt": "b" * 10}, format="json"
+    ).json()
     assert long["status"] == "succeeded"
     assert len(long["warnings"]) == 1
     assert long["warnings"][0].startswith("prompt is 202 tokens long; the text encoder reads 77")

@@ -75,7 +75,14 @@ def test_prompt_required_not_blank_and_capped(api, settings):
 
 
 def test_unknown_model_lists_valid_ids(api):
-    error = reject(api, {"prompt": "x", "model_id": "../../etc/passwd"}, "model_id", "tiny-sd", "tiny-sdxl", "stable-diffusion-v1-5")
+    error = reject(
+        api,
+        {"prompt": "x", "model_id": "../../etc/passwd"},
+        "model_id",
+        "tiny-sd",
+        "tiny-sdxl",
+        "stable-diffusion-v1-5",
+    )
     assert "etc/passwd" in error["fields"]["model_id"][0]
 
 
@@ -127,7 +134,13 @@ def test_img2img_without_image(api):
 
 
 def test_img2img_broken_image(api):
-    reject(api, {"prompt": "x", "image": base64.b64encode(b"not an image at all").decode()}, "image", "not a PNG, JPEG or WebP", path="/api/img2img/")
+    reject(
+        api,
+        {"prompt": "x", "image": base64.b64encode(b"not an image at all").decode()},
+        "image",
+        "not a PNG, JPEG or WebP",
+        path="/api/img2img/",
+    )
     truncated = png_of()[:60]
     reject(api, {"prompt": "x", "image": base64.b64encode(truncated).decode()}, "image", path="/api/img2img/")
 
@@ -141,7 +154,9 @@ def test_img2img_file_that_is_not_an_image(api):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     upload = SimpleUploadedFile("cat.png", b"GIF89a fake", content_type="image/png")
-    reject(api, {"prompt": "x", "image": upload}, "image", "not a PNG, JPEG or WebP", path="/api/img2img/", fmt="multipart")
+    reject(
+        api, {"prompt": "x", "image": upload}, "image", "not a PNG, JPEG or WebP", path="/api/img2img/", fmt="multipart"
+    )
 
 
 def test_img2img_strength_bounds(api):
@@ -150,13 +165,26 @@ def test_img2img_strength_bounds(api):
     assert accept({"prompt": "x", "image": image, "strength": 1.0}, Img2ImgRequestSerializer).strength == 1.0
     reject(api, {"prompt": "x", "image": image, "strength": 1.01}, "strength", "got 1.01", path="/api/img2img/")
     # steps x strength below one step would run no denoising at all.
-    reject(api, {"prompt": "x", "image": image, "strength": 0.1, "steps": 4}, "strength", "at least 1", path="/api/img2img/")
+    reject(
+        api,
+        {"prompt": "x", "image": image, "strength": 0.1, "steps": 4},
+        "strength",
+        "at least 1",
+        path="/api/img2img/",
+    )
 
 
 def test_img2img_pixel_cap_checked_before_decoding(api, settings):
     settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_UPLOAD_PIXELS": 64 * 64}
     assert accept({"prompt": "x", "image": base64.b64encode(png_of(size=(64, 64))).decode()}, Img2ImgRequestSerializer)
-    reject(api, {"prompt": "x", "image": base64.b64encode(png_of(size=(64, 65))).decode()}, "image", "at most 4096 pixels", "64x65", path="/api/img2img/")
+    reject(
+        api,
+        {"prompt": "x", "image": base64.b64encode(png_of(size=(64, 65))).decode()},
+        "image",
+        "at most 4096 pixels",
+        "64x65",
+        path="/api/img2img/",
+    )
 
 
 def _png_header_only(width: int, height: int) -> bytes:

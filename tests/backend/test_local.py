@@ -12,7 +12,16 @@ from backend.params import GenerationParams, image_seeds
 
 
 def params(**overrides) -> GenerationParams:
-    base = {"kind": "txt2img", "model_id": "tiny-sd", "prompt": "a cat", "width": 64, "height": 64, "steps": 4, "guidance_scale": 7.5, "seed": 3}
+    base = {
+        "kind": "txt2img",
+        "model_id": "tiny-sd",
+        "prompt": "a cat",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 7.5,
+        "seed": 3,
+    }
     return GenerationParams(**(base | overrides))
 
 
@@ -46,7 +55,10 @@ def test_image_seeds_wrap():
     assert image_seeds(2**32 - 2, 3) == [2**32 - 2, 2**32 - 1, 0]
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "pndm", "lms", "heun", "ddpm", "dpmpp_2s"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "pndm", "lms", "heun", "ddpm", "dpmpp_2s"],
+)
 def test_every_scheduler_runs_and_the_default_is_restored(backend, name):
     out = backend.generate(params(scheduler=name, steps=3))
     assert out.images[0].image.size == (64, 64)
@@ -65,7 +77,9 @@ def test_progress_reports_every_step(backend):
 def test_img2img_progress_counts_only_the_steps_that_run(backend):
     seen: list[tuple[int, int]] = []
     init = Image.new("RGB", (64, 64), (90, 90, 90))
-    backend.generate(params(kind="img2img", steps=10, strength=0.5), init_image=init, on_progress=lambda s, t: seen.append((s, t)))
+    backend.generate(
+        params(kind="img2img", steps=10, strength=0.5), init_image=init, on_progress=lambda s, t: seen.append((s, t))
+    )
     assert seen[-1] == (5, 5)
 
 
@@ -82,7 +96,9 @@ def test_cancel_stops_at_the_next_step_before_the_vae_decode(backend):
     model.txt2img.vae.decode = counting_decode
     try:
         with pytest.raises(GenerationCancelled):
-            backend.generate(params(steps=20), on_progress=lambda s, t: steps.append(s), should_cancel=lambda: len(steps) >= 3)
+            backend.generate(
+                params(steps=20), on_progress=lambda s, t: steps.append(s), should_cancel=lambda: len(steps) >= 3
+            )
     finally:
         del model.txt2img.vae.decode
     assert steps == [1, 2, 3]

@@ -12,5 +12,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, name: str, staff: bool, **options) -> None:  # noqa: ANN002, ANN003
         row, key = api_key_create(name=name, is_staff=staff)
-        self.stderr.write(f"Created API key #{row.pk} '{row.name}'{' (staff)' if staff else ''}. It is shown only once:")
+        self.stderr.write(
+            f"Created API key #{row.pk} '{row.name}'{' (staff)' if staff else ''}. It is shown only once:"
+        )
         self.stdout.write(key)
