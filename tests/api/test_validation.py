@@ -229,3 +229,50 @@ def test_huge_and_non_finite_json_numbers(api):
 
 def test_prompt_with_nul_is_refused(api):
     reject(api, {"prompt": "a\x00b"}, "prompt")
+
+
+def test_upload_byte_cap_below_at_above(api, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    raw = png_of(size=(64, 64))
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_UPLOAD_BYTES": len(raw)}
+    at = Img2ImgRequestSerializer(data={"prompt": "x", "image": base64.b64encode(raw).decode()})
+    assert at.is_valid(), at.errors
+    padded = raw + b"\x00"  # trailing bytes after IEND: one over the cap
+    reject(
+        api,
+        {"prompt": "x", "image": base64.b64encode(padded).decode()},
+        "image",
+        f"at most {len(raw)} bytes",
+        path="/api/img2img/",
+    )
+    upload = SimpleUploadedFile("big.png", padded, content_type="image/png")
+    reject(
+        api,
+        {"prompt": "x", "image": upload},
+        "image",
+        f"at most {len(raw)} bytes",
+        f"got {len(raw) + 1}",
+        path="/api/img2img/",
+        fmt="multipart",
+    )
+
+
+def test_real_gif_and_bmp_are_refused_by_content_whatever_the_name(api):
+    import io as _io
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from PIL import Image as _Image
+
+    for fmt in ("GIF", "BMP"):
+        buf = _io.BytesIO()
+        _Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format=fmt)
+        upload = SimpleUploadedFile("photo.png", buf.getvalue(), content_type="image/png")
+        reject(
+            api,
+            {"prompt": "x", "image": upload},
+            "image",
+            "not a PNG, JPEG or WebP",
+            path="/api/img2img/",
+            fmt="multipart",
+        )
