@@ -129,7 +129,12 @@ class Img2ImgView(_GenerateView):
 
 @extend_schema_view(
     list=extend_schema(
-        responses={200: GenerationSerializer(many=True), **error_responses(401, 404, 429, why=PAGE_ERRORS)}
+        responses={
+            200: GenerationSerializer(many=True),
+            **error_responses(
+                400, 401, 404, 429, why={**PAGE_ERRORS, 400: "page_size is not a positive integer (`invalid_request`)."}
+            ),
+        }
     ),
     retrieve=extend_schema(responses={200: GenerationSerializer, **error_responses(401, 404, 429)}),
     destroy=extend_schema(

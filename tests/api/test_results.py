@@ -87,3 +87,15 @@ def test_get_one_and_delete_removes_row_and_files(api):
     assert not files[0].parent.exists()
     assert api.get(f"/api/results/{body['id']}/").status_code == 404
     assert not Generation.objects.filter(pk=body["id"]).exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("bad", ["0", "-1", "abc", "1.5"])
+def test_bad_page_size_is_a_400_naming_it(api, bad):
+    make_rows(2)
+    r = api.get(f"/api/results/?page_size={bad}")
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "page_size" in error["fields"] and repr(bad) in error["fields"]["page_size"][0]
+    assert len(api.get("/api/results/?page_size=1").json()["results"]) == 1
