@@ -342,7 +342,14 @@ class ModelDocSerializer(serializers.Serializer):
     tags = serializers.ListField(child=serializers.CharField())
     location = serializers.CharField(help_text="hf://owner/name, builtin://id, or local.")
     pipelines = serializers.DictField(child=serializers.CharField(), help_text="diffusers pipeline class per kind.")
-    loaded = serializers.BooleanField()
+    loaded = serializers.BooleanField(
+        help_text="Whether it is loaded: in the web process (QUEUE=thread), or on any live worker (QUEUE=celery)."
+    )
+    loaded_on = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="QUEUE=celery only: the names of the live workers that hold it loaded.",
+    )
     # A plain string: the same choice set as Status.mode would need a second enum name.
     runs_on = serializers.CharField(help_text='Where it runs: "local" or "remote", as mode in /api/status/.')
     default = serializers.BooleanField(help_text="Whether this is the server's DEFAULT_MODEL.")
@@ -359,6 +366,11 @@ class DeviceInfoDocSerializer(serializers.Serializer):
     free_memory_mb = serializers.IntegerField()
     allocated_memory_mb = serializers.IntegerField()
     reserved_memory_mb = serializers.IntegerField()
+    worker = serializers.CharField(
+        required=False,
+        help_text="QUEUE=celery, in the top-level system_info only: the worker that has this GPU "
+        "(index is the index that worker sees).",
+    )
 
     class Meta:
         ref_name = "DeviceInfo"
@@ -373,6 +385,13 @@ class SystemInfoDocSerializer(serializers.Serializer):
     device_count = serializers.IntegerField()
     devices = DeviceInfoDocSerializer(many=True)
     platform = serializers.CharField()
+    devices_from = serializers.ChoiceField(
+        choices=["web", "workers"],
+        required=False,
+        help_text="QUEUE=celery only. workers: cuda_available, cuda_version, cudnn_version, device_count "
+        "and devices describe the GPUs of the live workers (some worker has one); the other fields, "
+        "and all of them with web, describe the web process.",
+    )
 
     class Meta:
         ref_name = "SystemInfo"
@@ -399,16 +418,54 @@ class DevicePlanDocSerializer(serializers.Serializer):
         ref_name = "DevicePlan"
 
 
+class WorkerDocSerializer(serializers.Serializer):
+    """A live Celery worker process, as it last reported itself."""
+
+    name = serializers.CharField(
+        help_text="kind@host:pid/space, as a job's worker: the process that runs jobs (a prefork child)."
+    )
+    node = serializers.CharField(allow_null=True, help_text="The Celery node name (-n), e.g. gpu0@host.")
+    hostname = serializers.CharField(allow_blank=True)
+    pid = serializers.IntegerField(allow_null=True)
+    queues = serializers.ListField(child=serializers.CharField(), help_text="The queues it consumes (-Q).")
+    # A plain string: the same choice set as Status.mode would need a second enum name.
+    mode = serializers.CharField(allow_null=True, help_text='"local" or "remote", as mode in /api/status/.')
+    loaded_models = serializers.ListField(child=serializers.CharField(), help_text="Least recently used first.")
+    device = DevicePlanDocSerializer(allow_null=True, help_text="How it runs inference; null in remote mode.")
+    device_error = serializers.CharField(required=False, help_text="Why it has no device plan.")
+    system_info = SystemInfoDocSerializer(help_text="Its own torch, CUDA and GPU facts.")
+    current_job = serializers.CharField(allow_null=True, help_text="The id of the generation it is running.")
+    started_at = serializers.DateTimeField(allow_null=True)
+    updated_at = serializers.DateTimeField(
+        allow_null=True, help_text="Its last report; it reports every JOB_HEARTBEAT_INTERVAL seconds."
+    )
+
+    class Meta:
+        ref_name = "Worker"
+
+
 class StatusDocSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ok", "degraded"])
-    inference_available = serializers.BooleanField()
+    inference_available = serializers.BooleanField(
+        help_text="QUEUE=celery: whether a live worker is there to run jobs (and, in remote mode, a token or URL)."
+    )
     mode = serializers.ChoiceField(choices=["local", "remote"])
     queue_backend = serializers.ChoiceField(choices=["thread", "celery"])
     default_model = serializers.CharField()
-    loaded_models = serializers.ListField(child=serializers.CharField())
+    loaded_models = serializers.ListField(
+        child=serializers.CharField(), help_text="QUEUE=celery: every model that some live worker holds."
+    )
     queue = QueueCountsDocSerializer()
-    system_info = SystemInfoDocSerializer()
-    device = DevicePlanDocSerializer(allow_null=True, help_text="How local inference runs; null in remote mode.")
+    system_info = SystemInfoDocSerializer(
+        help_text="The web process; with QUEUE=celery its GPU fields may describe the workers (see devices_from)."
+    )
+    device = DevicePlanDocSerializer(
+        allow_null=True,
+        help_text="How local inference runs; null in remote mode, and with QUEUE=celery (see workers[].device).",
+    )
+    workers = WorkerDocSerializer(
+        many=True, required=False, help_text="QUEUE=celery only: the live workers, by name; empty when none is seen."
+    )
     detail = serializers.CharField(required=False, help_text="Why the status is degraded.")
 
     class Meta:

@@ -78,12 +78,24 @@ app = make_app()
 
 
 @signals.worker_process_init.connect
-def _preload_in_pool_process(**_: Any) -> None:
-    # The process that runs jobs (the solo worker, or the prefork child) loads PRELOAD_MODELS;
-    # in a side thread, because a prefork child must report ready within seconds.
-    from api.services.celery_executor import preload_models
+def _preload_in_pool_process(sender: Any = None, **_: Any) -> None:
+    # The process that runs jobs (the solo worker, or the prefork child) loads PRELOAD_MODELS
+    # and publishes its status (models, device, GPUs) to Redis; both in side threads, because
+    # a prefork child must report ready within seconds. ``sender`` is the worker's node name;
+    # -Q has already been applied to the app's queues.
+    from api.services.celery_executor import preload_models, start_worker_status
 
     preload_models()
+    start_worker_status(node=sender if isinstance(sender, str) else None, queues=list(app.amqp.queues.consume_from))
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _remove_worker_status(**_: Any) -> None:
+    # A clean stop takes the worker off /api/status/ at once; a killed one expires.
+    from api.services.celery_executor import stop_worker_status
+
+    stop_worker_status()
 
 
 @signals.worker_ready.connect

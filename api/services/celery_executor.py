@@ -7,13 +7,22 @@ a fallback (a lost message, or a broker that isn't Redis).
 
 Worker side (``worker_run``, ``start_recovery``): run a job through the same service as the
 embedded worker, publish its end, and find jobs whose worker died.
+
+Worker status (``WorkerStatus``, ``live_workers``): each worker process that runs jobs keeps a
+JSON snapshot of itself in Redis (its name, queues, loaded models, device plan, GPUs, current
+job) under a key that expires unless renewed; the web process reads the live ones for
+/api/status/ and /api/models/, since it loads no model and sees no GPU of its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -26,6 +35,7 @@ from .jobs import SubmitError
 log = logging.getLogger("api.executor")
 
 CHANNEL_PREFIX = "sdapi:generation-finished:"
+WORKER_KEY_PREFIX = "sdapi:worker:"
 
 
 def queue_for_model(model_id: str) -> str:
@@ -160,10 +170,21 @@ def _executor() -> CeleryExecutor:
 
 def worker_run(*, generation_id: str) -> str | None:
     """Run one job in this worker process; returns its final status, or None if not ours."""
-    from .jobs import generation_execute, generation_recover
-    from .liveness import OrphanTest, worker_identity
+    from .liveness import worker_identity
 
     me = worker_identity("celery")
+    _job_started(generation_id)
+    try:
+        status = _worker_run(generation_id, me)
+    finally:
+        _job_ended()
+    return status
+
+
+def _worker_run(generation_id: str, me: str) -> str | None:
+    from .jobs import generation_execute, generation_recover
+    from .liveness import OrphanTest
+
     status = generation_execute(generation_id=generation_id, worker=me)
     if status is None:
         # Not queued. A message delivered again after its worker died finds the job still
@@ -285,7 +306,170 @@ def preload_models() -> None:
             try:
                 get_manager().get(model_id)
                 log.info("PRELOAD_MODELS: %s loaded", model_id)
+                poke_worker_status()
             except Exception:  # noqa: BLE001
                 log.exception("PRELOAD_MODELS: could not load %s", model_id)
 
     threading.Thread(target=load, name="preload-models", daemon=True).start()
+
+
+# --- worker status ---------------------------------------------------------------------------
+
+
+class WorkerStatusUnavailable(Exception):
+    """The broker's Redis could not be read, so no worker can be seen."""
+
+
+def worker_status_ttl() -> float:
+    """Seconds a worker's snapshot outlives its last renewal: three missed beats."""
+    return 3 * settings.JOB_HEARTBEAT_INTERVAL
+
+
+def worker_key(name: str) -> str:
+    return f"{WORKER_KEY_PREFIX}{name}"
+
+
+class WorkerStatus:
+    """This worker process's snapshot in Redis: written at start, after each job and every
+    JOB_HEARTBEAT_INTERVAL seconds, gone ``worker_status_ttl()`` seconds after the last write
+    (a killed worker), or at once on a clean shutdown."""
+
+    def __init__(self, executor: CeleryExecutor, *, node: str | None, queues: list[str]) -> None:
+        from .liveness import worker_identity
+
+        self.executor = executor
+        self.name = worker_identity("celery")
+        self.node = node
+        self.queues = sorted(queues)
+        self.started_at = _now()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def key(self) -> str:
+        return worker_key(self.name)
+
+    def snapshot(self) -> dict[str, Any]:
+        from backend.manager import get_manager
+        from backend.router import current_mode
+        from backend.system import system_info
+
+        manager = get_manager()
+        mode = current_mode()
+        snap: dict[str, Any] = {
+            "name": self.name,
+            "node": self.node,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "mode": mode,
+            "loaded_models": manager.loaded_ids(),
+            "device": None,
+            "system_info": system_info(),
+            "current_job": _current_job,
+            "started_at": self.started_at,
+            "updated_at": _now(),
+        }
+        if mode == "local":
+            try:
+                snap["device"] = manager.device_plan().as_dict()
+            except Exception as exc:  # noqa: BLE001 - a worker whose device is broken still reports it
+                snap["device_error"] = str(exc)
+        return snap
+
+    def publish(self) -> None:
+        client = self.executor._client()
+        if client is None:
+            return
+        data = json.dumps(self.snapshot(), default=str)
+        with self._lock:
+            # A write racing a shutdown must not bring the snapshot back after remove().
+            if not self._closed:
+                client.set(self.key, data, px=max(1, round(worker_status_ttl() * 1000)))
+
+    def remove(self) -> None:
+        with self._lock:
+            self._closed = True
+            client = self.executor._client()
+            if client is None:
+                return
+            try:
+                client.delete(self.key)
+            except Exception:  # noqa: BLE001 - it expires on its own
+                log.warning("could not remove the status of worker %s; it expires by itself", self.name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+_status: WorkerStatus | None = None
+_beacon: Any = None
+_current_job: str | None = None
+
+
+def start_worker_status(*, node: str | None = None, queues: list[str] | None = None) -> None:
+    """In the process that runs jobs (the solo worker, or each prefork child), at its start."""
+    global _status, _beacon
+    from .liveness import Beacon
+
+    if _beacon is not None:
+        return
+    executor = _executor()
+    if executor._client() is None:
+        log.info("the broker is not Redis: this worker publishes no status")
+        return
+    _status = WorkerStatus(executor, node=node, queues=list(queues or []))
+    _beacon = Beacon(_status.publish, settings.JOB_HEARTBEAT_INTERVAL, name="worker-status").start()
+
+
+def stop_worker_status() -> None:
+    """On a clean shutdown: the snapshot goes at once, not when it expires."""
+    global _status, _beacon
+    beacon, status = _beacon, _status
+    _beacon = _status = None
+    if beacon is not None:
+        beacon.stop()
+    if status is not None:
+        status.remove()
+
+
+def poke_worker_status() -> None:
+    if _beacon is not None:
+        _beacon.poke()
+
+
+def _job_started(generation_id: str) -> None:
+    global _current_job
+    _current_job = str(generation_id)
+    poke_worker_status()
+
+
+def _job_ended() -> None:
+    global _current_job
+    _current_job = None
+    poke_worker_status()
+
+
+def live_workers() -> list[dict[str, Any]] | None:
+    """The snapshots of the live workers, by name; None when the broker isn't Redis (no status
+    to read). Raises WorkerStatusUnavailable when Redis can't be read."""
+    client = _executor()._client()
+    if client is None:
+        return None
+    try:
+        keys = sorted(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=500))
+        values = client.mget(keys) if keys else []
+    except Exception as exc:  # noqa: BLE001 - redis-py raises several kinds; all mean "can't read"
+        raise WorkerStatusUnavailable(type(exc).__name__) from exc
+    workers = []
+    for raw in values:
+        if raw is None:
+            continue  # expired between the scan and the read
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            workers.append(item)
+    return sorted(workers, key=lambda w: w["name"])

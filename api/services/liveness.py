@@ -5,6 +5,9 @@ pid space (one kernel boot, one pid namespace): two processes with the same ``sp
 ask the kernel whether the other's pid still exists, which finds a dead worker at once.
 Anything else (another machine, another container) is judged by its heartbeat alone: a
 running job whose ``heartbeat_at`` is older than ``JOB_STALE_AFTER`` has lost its worker.
+
+A Celery worker also says that it is alive, with no job at all: ``Beacon`` publishes its
+status on the same cadence (see ``celery_executor.WorkerStatus``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -128,3 +132,51 @@ class Heartbeat:
                     close_old_connections()
         finally:
             connection.close()
+
+
+class Beacon:
+    """Calls ``publish`` from a side thread at once, then every ``interval`` seconds, and again
+    as soon as ``poke`` is called. A call that fails is logged and tried again at the next beat.
+    """
+
+    def __init__(self, publish: Callable[[], None], interval: float, *, name: str = "beacon") -> None:
+        self.publish = publish
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Beacon:
+        self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        """Publish now, not at the next beat."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001 - a missed beat is retried; a long outage reads as death
+                # Once per outage, not every beat.
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "%s: publishing failed",
+                    self._thread.name,
+                    exc_info=True,
+                )
+                failing = True
+            else:
+                if failing:
+                    log.info("%s: publishing again", self._thread.name)
+                failing = False
+            self._wake.wait(self.interval)
