@@ -18,3 +18,15 @@ class GenerationAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in Generation._meta.fields]
     inlines = [GeneratedImageInline]
     date_hierarchy = "created_at"
+
+    # Deleting here does what DELETE /api/results/<id>/ does: stop the job, remove its files.
+    def delete_model(self, request, obj):  # noqa: ANN001, ANN201
+        from .services.jobs import generation_delete
+
+        generation_delete(generation=obj)
+
+    def delete_queryset(self, request, queryset):  # noqa: ANN001, ANN201
+        from .services.jobs import generation_delete
+
+        for generation in queryset:
+            generation_delete(generation=generation)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.core.exceptions import SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions, status
@@ -85,6 +86,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return Response(error_body(exc.code, exc.message), status=exc.http_status)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
+    if isinstance(exc, SuspiciousOperation):
+        # Too many form fields or files, a disallowed host...: the client's fault, not ours.
+        return Response(error_body("bad_request", "The request was refused as malformed or unsafe."), status=400)
     if isinstance(exc, exceptions.ValidationError):
         fields = _fields(exc.detail)
         first = next(iter(fields.items()), ("request", ["invalid request"]))
@@ -119,6 +123,18 @@ def not_found_view(request: HttpRequest, exception: Exception | None = None) -> 
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     return defaults.page_not_found(request, exception)
+
+
+def bad_request_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("bad_request", "The request was refused as malformed or unsafe."), status=400)
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("permission_denied", "Permission denied."), status=403)
+    return defaults.permission_denied(request, exception)
 
 
 def server_error_view(request: HttpRequest) -> HttpResponse:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)?(?P<params>(;[\w=.+-]+)*?);base64,(?P<data>.*)$", re.DOTALL)
@@ -62,6 +62,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
         raise ImageInputError(f"the image has no pixels ({width}x{height})")
     try:
         img.load()
+        # Phone photos store "rotate me" in EXIF; apply it so portraits stay upright.
+        img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageInputError(f"the image is broken or truncated ({type(exc).__name__})") from None
     return img

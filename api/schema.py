@@ -363,7 +363,9 @@ class DeviceInfoDocSerializer(serializers.Serializer):
     name = serializers.CharField()
     capability = serializers.CharField()
     total_memory_mb = serializers.IntegerField()
-    free_memory_mb = serializers.IntegerField()
+    free_memory_mb = serializers.IntegerField(
+        allow_null=True, help_text="Null for a GPU this process hasn't used (asking would open a CUDA context on it)."
+    )
     allocated_memory_mb = serializers.IntegerField()
     reserved_memory_mb = serializers.IntegerField()
     worker = serializers.CharField(

@@ -135,7 +135,7 @@ class EngineConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> EngineConfig:
         env = os.environ if env is None else env
         base = Path(base_dir or env.get("BASE_DIR") or Path(__file__).resolve().parent.parent)
-        tiny_dir = Path(env.get("TINY_MODELS_DIR") or base / ".cache" / "tiny-models")
+        tiny_dir = base / (env.get("TINY_MODELS_DIR") or ".cache/tiny-models")
         device = env.get("DEVICE", "").strip().lower()
         try:
             parse_device(device)

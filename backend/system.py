@@ -24,14 +24,18 @@ def system_info() -> dict[str, Any]:
         info["device_count"] = torch.cuda.device_count()
         for i in range(info["device_count"]):
             props = torch.cuda.get_device_properties(i)
-            free, total = torch.cuda.mem_get_info(i)
+            total, free = props.total_memory, None
+            # mem_get_info opens a CUDA context (hundreds of MiB) on the device it asks about:
+            # only ask about devices this process already uses.
+            if torch.cuda.is_initialized() and torch.cuda.memory_reserved(i) > 0:
+                free, total = torch.cuda.mem_get_info(i)
             info["devices"].append(
                 {
                     "index": i,
                     "name": props.name,
                     "capability": f"{props.major}.{props.minor}",
                     "total_memory_mb": round(total / 2**20),
-                    "free_memory_mb": round(free / 2**20),
+                    "free_memory_mb": None if free is None else round(free / 2**20),
                     "allocated_memory_mb": round(torch.cuda.memory_allocated(i) / 2**20),
                     "reserved_memory_mb": round(torch.cuda.memory_reserved(i) / 2**20),
                 }

@@ -99,7 +99,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": env.get("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            "NAME": str(BASE_DIR / env.get("SQLITE_PATH", "db.sqlite3")),
             "OPTIONS": {
                 # The worker thread writes while request threads read: WAL lets them
                 # overlap, IMMEDIATE transactions avoid upgrade deadlocks, and the
@@ -126,9 +126,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(env.get("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STATIC_ROOT = BASE_DIR / env.get("STATIC_ROOT", "staticfiles")
 MEDIA_URL = env.get("MEDIA_URL", "/media/")
-MEDIA_ROOT = Path(env.get("MEDIA_ROOT", str(BASE_DIR / "media")))
+# Relative paths are relative to the project, not to wherever a process was started.
+MEDIA_ROOT = BASE_DIR / env.get("MEDIA_ROOT", "media")
 SERVE_MEDIA = _wrap(env_bool, env, "SERVE_MEDIA", True)
 
 # --- REST framework -------------------------------------------------------------------------
@@ -149,6 +150,9 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "api.exceptions.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "api.pagination.ResultsPagination",
+    # How many proxies sit in front: the client address for rate limits is read that many hops
+    # back in X-Forwarded-For. 0 (the default) ignores the header, which a client can forge.
+    "NUM_PROXIES": _wrap(env_int, env, "NUM_PROXIES", 0, minimum=0, maximum=10),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Stable Diffusion API",
@@ -173,7 +177,7 @@ CACHE_URL = env.get("CACHE_URL", "").strip()
 if CACHE_URL.startswith(("redis://", "rediss://")):
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
 elif CACHE_URL:
-    raise ImproperlyConfigured(f"CACHE_URL must be a redis:// URL, got {CACHE_URL!r}")
+    raise ImproperlyConfigured(f"CACHE_URL must be a redis:// URL, got a {CACHE_URL.split(':', 1)[0]!r} URL")
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -229,7 +233,9 @@ if _unknown_models:
 # The job row is the truth; the broker only carries "run generation <id>" messages.
 CELERY_BROKER_URL = env.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0").strip()
 if not CELERY_BROKER_URL.startswith(("redis://", "rediss://", "amqp://", "amqps://", "memory://")):
-    raise ImproperlyConfigured(f"CELERY_BROKER_URL must be a redis:// (or amqp://) URL, got {CELERY_BROKER_URL!r}")
+    raise ImproperlyConfigured(
+        f"CELERY_BROKER_URL must be a redis:// (or amqp://) URL, got a {CELERY_BROKER_URL.split(':', 1)[0]!r} URL"
+    )
 # Queue for models that no CELERY_MODEL_QUEUES entry names; workers subscribe with -Q.
 CELERY_DEFAULT_QUEUE = env.get("CELERY_DEFAULT_QUEUE", "generations").strip() or "generations"
 # model_id=queue,...: jobs for a model go to the queue whose workers hold it.

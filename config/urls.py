@@ -7,6 +7,8 @@ from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 # Under /api/, a URL that matches no route and an error outside a view answer in JSON too.
+handler400 = "api.exceptions.bad_request_view"
+handler403 = "api.exceptions.permission_denied_view"
 handler404 = "api.exceptions.not_found_view"
 handler500 = "api.exceptions.server_error_view"
 

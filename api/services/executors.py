@@ -90,6 +90,42 @@ class ThreadExecutor:
             self._queue.put(("preload", model_id))
         for pk in pending:
             self.submit(pk)
+        self._start_recovery_loop()
+
+    def _start_recovery_loop(self) -> None:
+        """Keep looking for orphans after start-up: a process that died while this one was
+        already serving (or came back within JOB_STALE_AFTER) leaves rows only a later pass finds."""
+        with self._lock:
+            if getattr(self, "_recovery", None) is not None:
+                return
+            self._recovery = threading.Thread(target=self._recovery_loop, name="job-recovery", daemon=True)
+            self._recovery.start()
+
+    def _recovery_loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(settings.JOB_RECOVERY_INTERVAL)
+            try:
+                self.recover_once()
+            except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
+                log.exception("periodic job recovery failed")
+            finally:
+                close_old_connections()
+
+    def recover_once(self) -> dict[str, list[Any]]:
+        from .jobs import generation_recover
+        from .liveness import OrphanTest
+
+        outcome = generation_recover(
+            max_attempts=settings.MAX_ATTEMPTS,
+            is_orphaned=OrphanTest(me=self.worker_name, stale_after=settings.JOB_STALE_AFTER, startup=False),
+        )
+        if any(outcome.values()):
+            log.warning("recovered jobs whose worker died: %s", outcome)
+        for pk in outcome.get("requeued", []):
+            self.submit(pk)
+        return outcome
 
     # -- Executor API ----------------------------------------------------------------------
     def submit(self, generation_id: Any) -> None:

@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 from PIL import Image
+from rest_framework.exceptions import NotFound
 
 from backend.errors import EngineError, GenerationCancelled
 from backend.params import GenerationParams
@@ -175,7 +176,10 @@ def generation_wait(*, generation: Generation, timeout: float) -> Generation:
     from .executors import get_executor
 
     get_executor().wait(generation.id, timeout)
-    return Generation.objects.prefetch_related("images").get(pk=generation.pk)
+    try:
+        return Generation.objects.prefetch_related("images").get(pk=generation.pk)
+    except Generation.DoesNotExist:
+        raise NotFound(f"generation {generation.id} was deleted while this request waited for it") from None
 
 
 def generation_cancel(*, generation: Generation) -> Generation:
@@ -200,10 +204,13 @@ def generation_cancel(*, generation: Generation) -> Generation:
         # Running: the worker sees the flag at its next step and stops before decoding.
         Generation.objects.filter(pk=generation.pk, status=Status.RUNNING).update(cancel_requested=True)
         get_executor().request_cancel(generation.id)
-    generation.refresh_from_db()
-    if generation.status == Status.RUNNING:
-        get_executor().wait(generation.id, 5.0)
+    try:
         generation.refresh_from_db()
+        if generation.status == Status.RUNNING:
+            get_executor().wait(generation.id, 5.0)
+            generation.refresh_from_db()
+    except Generation.DoesNotExist:
+        raise NotFound(f"generation {generation.id} was deleted") from None
     return generation
 
 
@@ -213,8 +220,12 @@ def generation_delete(*, generation: Generation) -> None:
     if generation.status not in FINISHED:
         Generation.objects.filter(pk=generation.pk).update(cancel_requested=True)
         get_executor().request_cancel(generation.id)
-    _remove_files(generation)
-    generation.delete()
+    # Row first: a worker finishing right now then matches no row and removes what it wrote.
+    generation_id, input_image = generation.id, generation.input_image
+    generation.delete()  # (this clears generation.id)
+    shutil.rmtree(media_root() / generation_dir(generation_id), ignore_errors=True)
+    if input_image:
+        (media_root() / input_image).unlink(missing_ok=True)
 
 
 def image_b64(image: GeneratedImage) -> str:

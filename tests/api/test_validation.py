@@ -276,3 +276,43 @@ def test_real_gif_and_bmp_are_refused_by_content_whatever_the_name(api):
             path="/api/img2img/",
             fmt="multipart",
         )
+
+
+def test_a_model_default_size_over_the_operator_cap_is_refused(api, settings):
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_SIZE": 512}
+    # sdxl-base-1.0 defaults to 1024: over the cap even though the client sent no size.
+    error = reject(
+        api,
+        {"prompt": "x", "model_id": "sdxl-base-1.0"},
+        "width",
+        "between 64 and 512",
+        "got 1024",
+        "default size of sdxl-base-1.0",
+    )
+    assert "height" in error["fields"] or error["fields"]["width"]
+    assert accept({"prompt": "x", "model_id": "sdxl-base-1.0", "width": 512, "height": 512}).width == 512
+    assert accept({"prompt": "x", "model_id": "stable-diffusion-v1-5"}).width == 512
+
+
+def test_too_many_form_fields_is_a_400_not_a_500(api, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 5
+    r = api.post("/api/img2img/", {f"f{i}": "x" for i in range(10)}, format="multipart")
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] in ("bad_request", "invalid_request")
+    assert Generation.objects.count() == 0
+
+
+def test_exif_orientation_is_applied_to_uploads():
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from api.images import open_image
+
+    img = _Image.new("RGB", (80, 64), (10, 20, 30))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = _io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    opened = open_image(buf.getvalue(), max_bytes=10**6, max_pixels=10**6)
+    assert opened.size == (64, 80)
