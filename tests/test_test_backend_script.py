@@ -1,6 +1,6 @@
 """The operator's check scripts, run as an operator runs them: test_backend.py and scripts/gpu_check.py.
 
-Both run in a child process on the tiny models the session built, offline, with the HF cache
+Both run in a child process on the tiny models this pytest run built, offline, with the HF cache
 in a temporary folder. test_backend.py is run with Django made unimportable, to show it
 doesn't need it.
 """

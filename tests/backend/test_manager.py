@@ -1,7 +1,7 @@
 """ModelManager on real tiny pipelines: one load under concurrency, LRU, unload, shared weights.
 
 Each test builds its own manager (not the process singleton the API tests use), pointed at
-the tiny models the session fixture built once.
+the tiny models the session-scoped pytest fixture built once.
 """
 
 from __future__ import annotations
