@@ -273,15 +273,11 @@ class ImageSerializer(serializers.ModelSerializer):
         return request.build_absolute_uri(url) if request is not None else url
 
 
-class ProgressField(serializers.JSONField):
-    pass
-
-
 class GenerationSerializer(serializers.ModelSerializer):
     images = serializers.SerializerMethodField()
     progress = serializers.SerializerMethodField()
     params = serializers.JSONField(read_only=True)
-    error = serializers.JSONField(read_only=True)
+    error = serializers.SerializerMethodField()
 
     class Meta:
         model = Generation
@@ -315,6 +311,12 @@ class GenerationSerializer(serializers.ModelSerializer):
         return images
 
     @extend_schema_field({"type": "object", "nullable": True})
+    def get_error(self, obj: Generation) -> dict[str, Any] | None:
+        # The row also keeps the HTTP status a sync request answers with; clients get code + message.
+        if not isinstance(obj.error, dict):
+            return obj.error
+        return {k: v for k, v in obj.error.items() if k in ("code", "message")}
+
     def get_progress(self, obj: Generation) -> dict[str, Any] | None:
         progress = dict(obj.progress or {})
         if obj.status == "queued":

@@ -42,8 +42,6 @@ def _wants_async(request: Request, data: dict[str, Any]) -> bool:
 def _generation_response(request: Request, generation: Any, *, http_status: int | None = None) -> Response:
     context = {"request": request, "b64_json": generation.response_format == "b64_json"}
     body = GenerationSerializer(generation, context=context).data
-    if isinstance(body.get("error"), dict):
-        body["error"] = {k: v for k, v in body["error"].items() if k in ("code", "message")}
     headers = {}
     if generation.status not in FINISHED:
         headers["Location"] = request.build_absolute_uri(f"/api/results/{generation.id}/")
@@ -164,17 +162,7 @@ class ResultsViewSet(
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         generation = self.get_object()
         context = {"request": request, "b64_json": generation.response_format == "b64_json"}
-        body = GenerationSerializer(generation, context=context).data
-        if isinstance(body.get("error"), dict):
-            body["error"] = {k: v for k, v in body["error"].items() if k in ("code", "message")}
-        return Response(body)
-
-    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        response = super().list(request, *args, **kwargs)
-        for item in response.data["results"]:
-            if isinstance(item.get("error"), dict):
-                item["error"] = {k: v for k, v in item["error"].items() if k in ("code", "message")}
-        return response
+        return Response(GenerationSerializer(generation, context=context).data)
 
     def perform_destroy(self, instance: Any) -> None:
         jobs.generation_delete(generation=instance)

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .errors import GenerationCancelled, GenerationFailed, InvalidParams, OutOfMemory
 from .manager import ModelManager, get_manager
-from .params import GeneratedImage, GenerationOutput, GenerationParams
+from .params import CancelFn, GeneratedImage, GenerationOutput, GenerationParams, ProgressFn
 from .schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger("backend.local")
-
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 class LocalBackend:

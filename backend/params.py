@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEED_MAX = 2**32 - 1
 KINDS = ("txt2img", "img2img")
+
+# Callbacks every backend takes: progress(step, total_steps), and "stop now?".
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
 
 
 def random_seed() -> int:

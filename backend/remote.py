@@ -47,13 +47,11 @@ from .errors import (
     RemoteUnreachable,
     UnknownModel,
 )
-from .params import GeneratedImage, GenerationOutput, GenerationParams
+from .params import CancelFn, GeneratedImage, GenerationOutput, GenerationParams, ProgressFn
 from .schedulers import SCHEDULERS
 
 log = logging.getLogger("backend.remote")
 
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 RETRY_STATUSES = frozenset({429, 503})
 # A cancel is noticed within this long while waiting between retries.
