@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import secrets
 from datetime import timedelta
@@ -53,17 +55,33 @@ class KeyUser:
         return f"key:{self.api_key.prefix}"
 
 
+def _presented_key(request: Request) -> str | None:
+    """The key in ``Authorization: Bearer <key>``, or the password of ``Basic`` (user ignored).
+
+    A1111 clients (Open WebUI, SillyTavern, webuiapi) can only send Basic credentials.
+    """
+    parts = get_authorization_header(request).split()
+    if not parts or parts[0].lower() not in (b"bearer", b"basic"):
+        return None
+    scheme = parts[0].decode("ascii").capitalize()
+    if len(parts) != 2:
+        raise exceptions.AuthenticationFailed(f"the Authorization header must be '{scheme} <credentials>'")
+    try:
+        token = parts[1].decode("ascii")
+        if scheme == "Basic":
+            _user, sep, token = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+            if not sep:
+                raise ValueError("no password")
+    except (UnicodeDecodeError, ValueError, binascii.Error):
+        raise exceptions.AuthenticationFailed("the API key is not valid") from None
+    return token
+
+
 class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[KeyUser, ApiKey] | None:
-        parts = get_authorization_header(request).split()
-        if not parts or parts[0].lower() != b"bearer":
+        key = _presented_key(request)
+        if key is None:
             return None
-        if len(parts) != 2:
-            raise exceptions.AuthenticationFailed("the Authorization header must be 'Bearer <key>'")
-        try:
-            key = parts[1].decode("ascii")
-        except UnicodeDecodeError:
-            raise exceptions.AuthenticationFailed("the API key is not valid") from None
         api_key = ApiKey.objects.filter(key_hash=hash_key(key)).first()
         if api_key is None:
             raise exceptions.AuthenticationFailed("the API key is not valid")
@@ -77,6 +95,20 @@ class ApiKeyAuthentication(BaseAuthentication):
     def authenticate_header(self, request: Request) -> str:
         # Makes DRF answer 401 (not 403) when a key is missing or wrong.
         return 'Bearer realm="api"'
+
+
+class ClientCompatibleAuthentication(ApiKeyAuthentication):
+    """For the foreign protocols: with AUTH_REQUIRED off, a key this server doesn't know is
+    the anonymous caller rather than a 401. The OpenAI SDK always sends a bearer, and Open
+    WebUI sends whatever Basic credentials its user typed; neither can send none."""
+
+    def authenticate(self, request: Request) -> tuple[KeyUser, ApiKey] | None:
+        try:
+            return super().authenticate(request)
+        except exceptions.AuthenticationFailed:
+            if settings.AUTH_REQUIRED:
+                raise
+            return None
 
 
 def request_key(request: Request) -> ApiKey | None:

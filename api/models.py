@@ -22,6 +22,7 @@ ACTIVE = (Status.QUEUED, Status.RUNNING)
 class Kind(models.TextChoices):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
+    INPAINT = "inpaint"
 
 
 class Generation(models.Model):
@@ -34,6 +35,10 @@ class Generation(models.Model):
     backend = models.CharField(max_length=16, blank=True, default="")
     # Server-made name under MEDIA_ROOT; the worker reads the img2img source from here.
     input_image = models.CharField(max_length=255, blank=True, default="")
+    # Inpaint: the mask (white = repaint), stored as an 8-bit PNG beside the input image.
+    mask_image = models.CharField(max_length=255, blank=True, default="")
+    # The latest cheap preview of a running job (base64 PNG); cleared when it finishes.
+    preview = models.TextField(blank=True, default="")
     error = models.JSONField(null=True, blank=True)
     warnings = models.JSONField(default=list, blank=True)
     progress = models.JSONField(null=True, blank=True)
@@ -112,3 +117,19 @@ class ApiKey(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class ClientState(models.Model):
+    """Per-caller state that a foreign protocol keeps between requests.
+
+    A1111 clients set the checkpoint with ``POST /sdapi/v1/options`` and expect the next
+    ``txt2img`` to use it. ``scope`` names the protocol and the caller (an API key, or the
+    one shared anonymous scope), so one caller's choice never changes another's.
+    """
+
+    scope = models.CharField(max_length=64, unique=True)
+    data = models.JSONField(default=dict)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.scope

@@ -20,7 +20,7 @@ from backend.params import SEED_MAX
 from backend.schedulers import SCHEDULER_NAMES
 
 from .selectors import model_catalog
-from .serializers import Img2ImgRequestSerializer
+from .serializers import Img2ImgRequestSerializer, InpaintRequestSerializer
 
 # --- authentication ---------------------------------------------------------------------------
 
@@ -247,7 +247,12 @@ class GenerationRequestSchema(OpenApiSerializerExtension):
             props["strength"]["description"] = (
                 "How far to move from the image, in (0, 1]; steps x strength must be at least 1."
             )
-        if isinstance(self.target, Img2ImgUploadRequestSerializer):
+        if "mask_blur" in props:
+            _number(props["mask_blur"], minimum=0, maximum=64)
+            props["mask_blur"]["description"] = (
+                "Pixels of blur on the mask's edge where the result is pasted over the original."
+            )
+        if isinstance(self.target, Img2ImgUploadRequestSerializer | InpaintUploadRequestSerializer):
             # A form field is always a string: "null" there is not JSON's null.
             for prop in props.values():
                 prop.pop("nullable", None)
@@ -271,6 +276,16 @@ class Img2ImgUploadRequestSerializer(Img2ImgRequestSerializer):
 
     class Meta:
         ref_name = "Img2ImgUploadRequest"
+
+
+class InpaintUploadRequestSerializer(InpaintRequestSerializer):
+    """inpaint as multipart/form-data: the image and the mask as file parts."""
+
+    image = _UploadField(help_text="PNG, JPEG or WebP, checked by content, not by name.")
+    mask = _UploadField(help_text="White repaints, black keeps; resized to the image when its size differs.")
+
+    class Meta:
+        ref_name = "InpaintUploadRequest"
 
 
 # --- headers ------------------------------------------------------------------------------------
@@ -317,6 +332,16 @@ IMG2IMG_EXAMPLES = [
     OpenApiExample(
         "A base64 image",
         value={"prompt": "the same scene at night", "image": _EXAMPLE_PNG_B64, "strength": 0.75, "seed": 7},
+        request_only=True,
+        media_type="application/json",
+    ),
+]
+
+
+INPAINT_EXAMPLES = [
+    OpenApiExample(
+        "A base64 image and mask",
+        value={"prompt": "a red door", "image": _EXAMPLE_PNG_B64, "mask": _EXAMPLE_PNG_B64, "strength": 0.9},
         request_only=True,
         media_type="application/json",
     ),

@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from backend.catalog import ModelSpec
 from backend.manager import ModelManager
 
-from .models import ApiKey, Generation, Status
+from .models import ACTIVE, ApiKey, Generation, Status
 
 
 def model_catalog() -> dict[str, ModelSpec]:
@@ -40,3 +40,15 @@ def queue_counts() -> dict[str, int]:
         "queued": Generation.objects.filter(status=Status.QUEUED).count(),
         "running": Generation.objects.filter(status=Status.RUNNING).count(),
     }
+
+
+def generation_active(*, owner: ApiKey | None) -> QuerySet[Generation]:
+    """One caller's queued and running jobs, oldest first: a key's own, or (None) the
+    anonymous callers' shared ones. Never another key's, even for a staff key."""
+    rows = Generation.objects.filter(status__in=ACTIVE).order_by("created_at", "id")
+    return rows.filter(owner=owner) if owner is not None else rows.filter(owner__isnull=True)
+
+
+def generation_preview(*, generation_id: Any) -> str:
+    """The latest preview of a running job as base64 PNG, or "" when there is none."""
+    return Generation.objects.filter(pk=generation_id).values_list("preview", flat=True).first() or ""

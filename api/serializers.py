@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from drf_spectacular.utils import extend_schema_field
+from PIL import Image
 from rest_framework import serializers
 
 from backend.catalog import ModelSpec
@@ -53,6 +54,10 @@ class ImageInputField(serializers.Field):
 
     def to_internal_value(self, data: Any) -> Any:
         lim = limits()
+        if isinstance(data, Image.Image):
+            # Already decoded (and checked) by a protocol that had to look inside it first;
+            # a request body can't produce this type.
+            return data
         try:
             if isinstance(data, UploadedFile):
                 if data.size is not None and data.size > lim["MAX_UPLOAD_BYTES"]:
@@ -227,6 +232,7 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
             num_images=num_images,
             scheduler=attrs.get("scheduler"),
             strength=attrs.get("strength"),
+            mask_blur=attrs.get("mask_blur"),
         )
         return attrs
 
@@ -255,6 +261,26 @@ class Img2ImgRequestSerializer(Txt2ImgRequestSerializer):
                 }
             )
         return attrs
+
+
+class MaskInputField(ImageInputField):
+    default_error_messages = {
+        "required": "mask is required for inpaint (white = repaint, black = keep; a multipart file or base64 string)"
+    }
+
+
+class InpaintRequestSerializer(Img2ImgRequestSerializer):
+    """img2img plus a mask: white repaints, black keeps. A mask of another size is resized."""
+
+    kind = "inpaint"
+
+    mask = MaskInputField()
+    mask_blur = StrictIntegerField(required=False, default=4)
+
+    def validate_mask_blur(self, value: int) -> int:
+        if not 0 <= value <= 64:
+            raise serializers.ValidationError(f"mask_blur must be between 0 and 64 pixels, got {value}")
+        return value
 
 
 # --- responses ----------------------------------------------------------------------------

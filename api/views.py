@@ -21,16 +21,23 @@ from .schema import (
     GENERATION_ERRORS,
     GENERATION_HEADERS,
     IMG2IMG_EXAMPLES,
+    INPAINT_EXAMPLES,
     PAGE_ERRORS,
     TXT2IMG_EXAMPLES,
     HealthDocSerializer,
     Img2ImgUploadRequestSerializer,
+    InpaintUploadRequestSerializer,
     ModelDocSerializer,
     StatusDocSerializer,
     error_responses,
 )
 from .selectors import generation_get, generation_list
-from .serializers import GenerationSerializer, Img2ImgRequestSerializer, Txt2ImgRequestSerializer
+from .serializers import (
+    GenerationSerializer,
+    Img2ImgRequestSerializer,
+    InpaintRequestSerializer,
+    Txt2ImgRequestSerializer,
+)
 from .services import jobs, system
 
 
@@ -57,10 +64,11 @@ def _generation_response(request: Request, generation: Any, *, http_status: int 
 
 def _fingerprint(kind: str, data: dict[str, Any]) -> str:
     """What identifies a request for Idempotency-Key reuse: its inputs, before defaults."""
-    material = {k: v for k, v in data.items() if k not in ("resolved", "image", "async")}
+    material = {k: v for k, v in data.items() if k not in ("resolved", "image", "mask", "async")}
     digest = hashlib.sha256(json.dumps([kind, material], sort_keys=True, default=str).encode())
-    if data.get("image") is not None:
-        digest.update(data["image"].tobytes())
+    for name in ("image", "mask"):
+        if data.get(name) is not None:
+            digest.update(name.encode() + data[name].tobytes())
     return digest.hexdigest()
 
 
@@ -80,6 +88,7 @@ class _GenerateView(APIView):
         generation, _created = jobs.generation_create(
             params=data["resolved"],
             init_image=data.get("image"),
+            mask_image=data.get("mask"),
             response_format=data.get("response_format", "url"),
             owner=request_key(request),
             idempotency_key=idempotency_key,
@@ -120,6 +129,20 @@ class Img2ImgView(_GenerateView):
         parameters=GENERATION_HEADERS,
         examples=IMG2IMG_EXAMPLES,
         operation_id="img2img",
+    )
+    def post(self, request: Request) -> Response:
+        return super().post(request)
+
+
+class InpaintView(_GenerateView):
+    serializer_class = InpaintRequestSerializer
+
+    @extend_schema(
+        request={"application/json": InpaintRequestSerializer, "multipart/form-data": InpaintUploadRequestSerializer},
+        responses=_GEN_RESPONSES,
+        parameters=GENERATION_HEADERS,
+        examples=INPAINT_EXAMPLES,
+        operation_id="inpaint",
     )
     def post(self, request: Request) -> Response:
         return super().post(request)

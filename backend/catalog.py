@@ -18,12 +18,14 @@ SOURCES = ("hub", "local", "builtin")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-# The diffusers pipeline classes of each family: (txt2img, img2img). img2img is made from
-# the loaded txt2img pipeline with ``from_pipe``, so the two share one copy of the weights.
-FAMILY_PIPELINES: dict[str, tuple[str, str]] = {
-    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
-    "sd2": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
-    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+# The diffusers pipeline classes of each family: (txt2img, img2img, inpaint). img2img and
+# inpaint are made from the loaded txt2img pipeline with ``from_pipe``, so all three share one
+# copy of the weights. The inpaint classes take both ordinary UNets (4 input channels) and
+# inpainting checkpoints (9: latents + mask + masked-image latents).
+FAMILY_PIPELINES: dict[str, tuple[str, str, str]] = {
+    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "sd2": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
 }
 
 
@@ -54,8 +56,8 @@ class ModelSpec:
 
     @property
     def pipelines(self) -> dict[str, str]:
-        txt2img, img2img = FAMILY_PIPELINES[self.family]
-        return {"txt2img": txt2img, "img2img": img2img}
+        txt2img, img2img, inpaint = FAMILY_PIPELINES[self.family]
+        return {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
     def public_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -135,6 +137,16 @@ DEFAULT_CATALOG: tuple[ModelSpec, ...] = (
         description="SDXL-shaped, built locally with random weights; images are noise.",
         tags=("test",),
     ),
+    ModelSpec(
+        id="tiny-sd-inpaint",
+        name="Tiny SD inpainting (test model, makes noise)",
+        family="sd15",
+        default_size=64,
+        source="builtin",
+        default_steps=4,
+        description="An SD 1.5-shaped inpainting checkpoint (9-channel UNet), built locally; images are noise.",
+        tags=("test", "inpainting"),
+    ),
 )
 
 _SPEC_FIELDS = set(ModelSpec.__dataclass_fields__)
@@ -150,7 +162,7 @@ _STR_FIELDS = (
     "prediction_type",
     "description",
 )
-_BUILTIN_IDS = ("tiny-sd", "tiny-sdxl")
+_BUILTIN_IDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
 
 
 class CatalogError(ValueError):
@@ -210,7 +222,7 @@ def _check_spec(spec: ModelSpec, where: str) -> None:
     if spec.source == "local" and not spec.path:
         raise CatalogError(f"{where}: a local model needs 'path', a diffusers folder (with model_index.json)")
     if spec.source == "builtin" and spec.id not in _BUILTIN_IDS:
-        raise CatalogError(f"{where}: builtin models are only {' and '.join(_BUILTIN_IDS)}, got {spec.id!r}")
+        raise CatalogError(f"{where}: builtin models are only {', '.join(_BUILTIN_IDS)}, got {spec.id!r}")
     if spec.variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", spec.variant):
         raise CatalogError(f"{where}: variant must be a weight-file variant such as 'fp16', got {spec.variant!r}")
     if spec.prediction_type not in (None, "epsilon", "v_prediction", "sample"):

@@ -130,6 +130,8 @@ class EngineConfig:
     remote_max_retries: int = 3
     remote_backoff_s: float = 1.0
     remote_max_backoff_s: float = 30.0
+    # Live previews of a running job: at most one every this many seconds (0: none).
+    preview_interval_s: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> EngineConfig:
@@ -163,6 +165,7 @@ class EngineConfig:
             remote_max_retries=env_int(env, "REMOTE_MAX_RETRIES", 3, minimum=0, maximum=20),
             remote_backoff_s=env_float(env, "REMOTE_BACKOFF", 1.0, minimum=0.0),
             remote_max_backoff_s=env_float(env, "REMOTE_MAX_BACKOFF", 30.0, minimum=0.0),
+            preview_interval_s=env_float(env, "PREVIEW_INTERVAL", 0.5, minimum=0.0),
         )
 
 

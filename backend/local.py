@@ -8,7 +8,8 @@ from typing import Any
 
 from .errors import GenerationCancelled, GenerationFailed, InvalidParams, OutOfMemory
 from .manager import ModelManager, get_manager
-from .params import CancelFn, GeneratedImage, GenerationOutput, GenerationParams, ProgressFn
+from .params import CancelFn, GeneratedImage, GenerationOutput, GenerationParams, PreviewFn, ProgressFn
+from .preview import latents_to_rgb
 from .schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger("backend.local")
@@ -29,22 +30,38 @@ class LocalBackend:
         params: GenerationParams,
         *,
         init_image: Any = None,
+        mask_image: Any = None,
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
+        on_preview: PreviewFn | None = None,
     ) -> GenerationOutput:
         import torch
 
+        if params.kind in ("img2img", "inpaint") and init_image is None:
+            raise InvalidParams(f"{params.kind} needs an image")
+        if params.kind == "inpaint" and mask_image is None:
+            raise InvalidParams("inpaint needs a mask")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         model = self.manager.get(params.model_id)
         timings["load_s"] = round(time.perf_counter() - t0, 4)
 
-        if params.kind == "img2img":
-            if init_image is None:
-                raise InvalidParams("img2img needs an image")
-            pipe = model.img2img
+        size = (params.width, params.height)
+        init = init_image.convert("RGB").resize(size) if init_image is not None else None
+        mask = _prepare_mask(mask_image, size) if mask_image is not None else None
+        if model.is_inpainting and params.kind != "inpaint":
+            # An inpainting checkpoint only runs through the inpaint pipeline: txt2img is an
+            # inpaint of a blank canvas where everything is repainted, img2img one of the image.
+            from PIL import Image
+
+            mode = "inpaint"
+            init = init if init is not None else Image.new("RGB", size, (127, 127, 127))
+            mask = Image.new("L", size, 255)
         else:
-            pipe = model.txt2img
+            mode = params.kind
+        pipe = {"txt2img": lambda: model.txt2img, "img2img": lambda: model.img2img, "inpaint": lambda: model.inpaint}[
+            mode
+        ]()
 
         if params.scheduler and params.scheduler not in SCHEDULERS:
             raise InvalidParams(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {params.scheduler!r}")
@@ -59,12 +76,29 @@ class LocalBackend:
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
+        preview_every = self.manager.config.preview_interval_s if on_preview is not None else 0.0
+        last_preview = [float("-inf")]
+
         def step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if should_cancel is not None and should_cancel():
                 # Raising (rather than p._interrupt) stops before the VAE decode.
                 raise GenerationCancelled("cancelled while running")
+            total = int(getattr(p, "num_timesteps", 0) or params.steps)
             if on_progress is not None:
-                on_progress(step + 1, int(getattr(p, "num_timesteps", 0) or params.steps))
+                on_progress(step + 1, total)
+            now = time.monotonic()
+            latents = callback_kwargs.get("latents")
+            if (
+                preview_every > 0
+                and latents is not None
+                and step + 1 < total
+                and now - last_preview[0] >= preview_every
+            ):
+                last_preview[0] = now
+                try:
+                    on_preview(step + 1, total, latents_to_rgb(latents, model.spec.family))  # type: ignore[misc]
+                except Exception:  # noqa: BLE001 - a preview is a nicety; it never fails the job
+                    log.debug("preview failed", exc_info=True)
             return callback_kwargs
 
         if should_cancel is not None and should_cancel():
@@ -79,9 +113,12 @@ class LocalBackend:
             "generator": generators,
             "callback_on_step_end": step_end,
         }
-        if params.kind == "img2img":
-            call["image"] = init_image.convert("RGB").resize((params.width, params.height))
+        if mode == "img2img":
+            call["image"] = init
             call["strength"] = params.strength
+        elif mode == "inpaint":
+            call.update(image=init, mask_image=mask, width=params.width, height=params.height)
+            call["strength"] = params.strength if params.kind != "txt2img" and params.strength is not None else 1.0
         else:
             call["width"] = params.width
             call["height"] = params.height
@@ -104,8 +141,33 @@ class LocalBackend:
             log.exception("pipeline failed for model %s", params.model_id)
             raise GenerationFailed(f"the pipeline failed: {type(exc).__name__}") from exc
         timings["inference_s"] = round(time.perf_counter() - t1, 4)
-        images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(result.images, seeds, strict=True)]
+        outputs = list(result.images)
+        if params.kind == "inpaint":
+            outputs = [paste_back(img, init, mask, params.mask_blur or 0) for img in outputs]
+        images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(outputs, seeds, strict=True)]
         return GenerationOutput(images=images, backend=self.name, timings=timings, warnings=warnings)
+
+
+def _prepare_mask(mask_image: Any, size: tuple[int, int]) -> Any:
+    """White (255) repaints, black keeps; any mode or size is brought to ``L`` at ``size``."""
+    mask = mask_image.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size)
+    return mask
+
+
+def paste_back(generated: Any, original: Any, mask: Any, blur: int) -> Any:
+    """The original outside the (blurred) mask, the generated image inside it.
+
+    A VAE round trip changes every pixel a little; users expect what they didn't mask to
+    come back as they sent it (A1111 and diffusers' ``apply_overlay`` do the same).
+    """
+    from PIL import Image, ImageFilter
+
+    if generated.size != original.size:
+        generated = generated.resize(original.size)
+    alpha = mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+    return Image.composite(generated.convert("RGB"), original, alpha)
 
 
 def _truncation_warnings(pipe: Any, params: GenerationParams) -> list[str]:

@@ -63,6 +63,9 @@ class LoadedModel:
         self.last_used = self.loaded_at
         self._txt2img = pipe
         self._img2img: Any = None
+        self._inpaint: Any = None
+        # An inpainting checkpoint's UNet also reads the mask and the masked image (9 channels).
+        self.is_inpainting = int(getattr(pipe.unet.config, "in_channels", 4)) == 9
         self._lock = threading.Lock()
         self._offload_owner: Any = pipe if plan.cpu_offload != "off" else None
 
@@ -72,18 +75,26 @@ class LoadedModel:
 
     @property
     def img2img(self) -> Any:
+        return self._offload_to(self._derived("_img2img", 1))
+
+    @property
+    def inpaint(self) -> Any:
+        return self._offload_to(self._derived("_inpaint", 2))
+
+    def _derived(self, attr: str, index: int) -> Any:
         with self._lock:
             txt2img = self._live()
-            if self._img2img is None:
+            if getattr(self, attr) is None:
                 import diffusers
 
-                cls = getattr(diffusers, FAMILY_PIPELINES[self.spec.family][1])
+                cls = getattr(diffusers, FAMILY_PIPELINES[self.spec.family][index])
                 # from_pipe reuses the loaded modules: no second copy of the weights. It casts
                 # the new pipeline (so the shared modules) to `dtype`, fp32 when not told:
                 # pass the model's own dtype or a fp16 model would silently become fp32.
-                self._img2img = cls.from_pipe(txt2img, dtype=torch_dtype(self.plan.dtype))
-                self._img2img.set_progress_bar_config(disable=True)
-        return self._offload_to(self._img2img)
+                pipe = cls.from_pipe(txt2img, dtype=torch_dtype(self.plan.dtype))
+                pipe.set_progress_bar_config(disable=True)
+                setattr(self, attr, pipe)
+            return getattr(self, attr)
 
     def _live(self) -> Any:
         if self._txt2img is None:
@@ -102,7 +113,7 @@ class LoadedModel:
         return pipe
 
     def pipelines(self) -> list[Any]:
-        return [p for p in (self._txt2img, self._img2img) if p is not None]
+        return [p for p in (self._txt2img, self._img2img, self._inpaint) if p is not None]
 
     def info(self) -> dict[str, Any]:
         return {
@@ -114,6 +125,8 @@ class LoadedModel:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "img2img_ready": self._img2img is not None,
+            "inpaint_ready": self._inpaint is not None,
+            "inpainting_checkpoint": self.is_inpainting,
         }
 
     def release(self) -> None:
@@ -126,6 +139,7 @@ class LoadedModel:
                     log.debug("removing offload hooks failed", exc_info=True)
         self._txt2img = None
         self._img2img = None
+        self._inpaint = None
         self._offload_owner = None
         self.base_scheduler = None
 

@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEED_MAX = 2**32 - 1
-KINDS = ("txt2img", "img2img")
+KINDS = ("txt2img", "img2img", "inpaint")
 
-# Callbacks every backend takes: progress(step, total_steps), and "stop now?".
+# Callbacks every backend takes: progress(step, total_steps), and "stop now?"; a local
+# backend also hands over previews: preview(step, total_steps, PIL image).
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
+PreviewFn = Callable[[int, int, Any], None]
 
 
 def random_seed() -> int:
@@ -39,7 +41,8 @@ class GenerationParams:
     negative_prompt: str = ""
     num_images: int = 1
     scheduler: str | None = None
-    strength: float | None = None  # img2img only
+    strength: float | None = None  # img2img and inpaint
+    mask_blur: int | None = None  # inpaint: blur radius (px) of the mask's edge when the result is pasted back
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -186,11 +186,18 @@ class RemoteBackend:
         params: GenerationParams,
         *,
         init_image: Any = None,
+        mask_image: Any = None,
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
+        on_preview: Any = None,
     ) -> GenerationOutput:
         from huggingface_hub import constants
 
+        if params.kind == "inpaint":
+            # The Inference API's tasks have no mask input; previews don't exist remotely either.
+            raise InvalidParams(
+                "inpainting runs on local models only: the Hugging Face Inference API has no inpainting task"
+            )
         if params.kind == "img2img" and init_image is None:
             raise InvalidParams("img2img needs an image")
         if constants.is_offline_mode():

@@ -16,7 +16,14 @@ class Backend(Protocol):
     name: str
 
     def generate(
-        self, params: GenerationParams, *, init_image: Any = None, on_progress: Any = None, should_cancel: Any = None
+        self,
+        params: GenerationParams,
+        *,
+        init_image: Any = None,
+        mask_image: Any = None,
+        on_progress: Any = None,
+        should_cancel: Any = None,
+        on_preview: Any = None,
     ) -> GenerationOutput: ...
 
 

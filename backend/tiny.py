@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_MODELS = ("tiny-sd", "tiny-sdxl")
+TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
 _FORMAT_VERSION = "1"  # bump when the recipes below change, so caches rebuild
 
 
@@ -102,7 +102,7 @@ def _scheduler():  # noqa: ANN202
     )
 
 
-def _build_tiny_sd(out: Path) -> None:
+def _build_tiny_sd(out: Path, *, in_channels: int = 4) -> None:
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -112,7 +112,7 @@ def _build_tiny_sd(out: Path) -> None:
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -186,7 +186,13 @@ def _build_tiny_sdxl(out: Path) -> None:
     shutil.rmtree(tok_dir, ignore_errors=True)
 
 
-_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
+def _build_tiny_sd_inpaint(out: Path) -> None:
+    # An inpainting checkpoint: the UNet reads noisy latents, the mask and the masked image's
+    # latents (4 + 1 + 4 channels). Saved as a plain SD pipeline, as such checkpoints are.
+    _build_tiny_sd(out, in_channels=9)
+
+
+_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl, "tiny-sd-inpaint": _build_tiny_sd_inpaint}
 
 
 def build_tiny_model(model_id: str, out: Path) -> Path:

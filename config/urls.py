@@ -17,6 +17,10 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/", include("api.urls")),
+    # The protocols other tools already speak, at the paths those tools expect.
+    path("", include("protocols.openai_images.urls")),  # /v1/...
+    path("", include("protocols.a1111.urls")),  # /sdapi/v1/... and /internal/ping
+    path("", include("protocols.hf_task.urls")),  # /models/<model_id>
 ]
 
 if settings.SERVE_MEDIA:

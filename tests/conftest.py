@@ -26,10 +26,10 @@ def require_service(reachable: bool, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs() -> dict[str, Path]:
-    """Build (or find cached) tiny-sd and tiny-sdxl once per run."""
-    from backend.tiny import ensure_tiny_model
+    """Build (or find cached) the tiny models once per run."""
+    from backend.tiny import TINY_MODELS, ensure_tiny_model
 
-    return {m: ensure_tiny_model(m, settings.ENGINE.tiny_models_dir) for m in ("tiny-sd", "tiny-sdxl")}
+    return {m: ensure_tiny_model(m, settings.ENGINE.tiny_models_dir) for m in TINY_MODELS}
 
 
 @pytest.fixture

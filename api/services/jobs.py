@@ -68,17 +68,22 @@ def generation_dir(generation_id: Any) -> str:
     return f"generations/{generation_id}"
 
 
+def _remove_inputs(*names: str) -> None:
+    for name in names:
+        if name:
+            (media_root() / name).unlink(missing_ok=True)
+
+
 def _remove_files(generation: Generation) -> None:
-    root = media_root()
-    shutil.rmtree(root / generation_dir(generation.id), ignore_errors=True)
-    if generation.input_image:
-        (root / generation.input_image).unlink(missing_ok=True)
+    shutil.rmtree(media_root() / generation_dir(generation.id), ignore_errors=True)
+    _remove_inputs(generation.input_image, generation.mask_image)
 
 
 def generation_create(
     *,
     params: GenerationParams,
     init_image: Image.Image | None = None,
+    mask_image: Image.Image | None = None,
     response_format: str = "url",
     owner: ApiKey | None = None,
     idempotency_key: str | None = None,
@@ -96,11 +101,18 @@ def generation_create(
         if existing is not None:
             return existing, False
     generation_id = uuid.uuid4()
-    input_name = ""
+    input_name = mask_name = ""
+    # Re-encoded under server-made names: nothing of the upload's name or format survives.
     if init_image is not None:
-        # Re-encoded under a server-made name: nothing of the upload's name or format survives.
         input_name = f"inputs/{generation_id}.png"
         write_atomic(media_root(), input_name, png_bytes(init_image.convert("RGB")))
+    if mask_image is not None:
+        mask_name = f"inputs/{generation_id}-mask.png"
+        try:
+            write_atomic(media_root(), mask_name, png_bytes(mask_image.convert("L")))
+        except BaseException:
+            _remove_inputs(input_name)
+            raise
     executor = get_executor()
     generation: Generation | None = None
     try:
@@ -114,6 +126,7 @@ def generation_create(
                 params=params.to_dict(),
                 seed=params.seed,
                 input_image=input_name,
+                mask_image=mask_name,
                 response_format=response_format,
                 owner=owner,
                 idempotency_key=idempotency_key or None,
@@ -122,8 +135,7 @@ def generation_create(
             transaction.on_commit(lambda: executor.submit(generation_id))
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key won the race: answer with its job.
-        if input_name:
-            (media_root() / input_name).unlink(missing_ok=True)
+        _remove_inputs(input_name, mask_name)
         existing = _idempotent_match(owner=owner, idempotency_key=idempotency_key or "", fingerprint=fingerprint)
         if existing is None:
             raise
@@ -131,16 +143,14 @@ def generation_create(
     except SubmitError as exc:
         log.error("could not enqueue generation %s: %s", generation_id, exc)
         Generation.objects.filter(pk=generation_id).delete()
-        if input_name:
-            (media_root() / input_name).unlink(missing_ok=True)
+        _remove_inputs(input_name, mask_name)
         raise ServiceUnavailable(
             "The job queue is unavailable, so the generation was not created; try again shortly.",
             code="queue_unavailable",
             retry_after=5,
         ) from None
     except BaseException:
-        if input_name:
-            (media_root() / input_name).unlink(missing_ok=True)
+        _remove_inputs(input_name, mask_name)
         raise
     return generation, True
 
@@ -221,15 +231,18 @@ def generation_delete(*, generation: Generation) -> None:
         Generation.objects.filter(pk=generation.pk).update(cancel_requested=True)
         get_executor().request_cancel(generation.id)
     # Row first: a worker finishing right now then matches no row and removes what it wrote.
-    generation_id, input_image = generation.id, generation.input_image
+    generation_id, inputs = generation.id, (generation.input_image, generation.mask_image)
     generation.delete()  # (this clears generation.id)
     shutil.rmtree(media_root() / generation_dir(generation_id), ignore_errors=True)
-    if input_image:
-        (media_root() / input_image).unlink(missing_ok=True)
+    _remove_inputs(*inputs)
+
+
+def image_bytes(image: GeneratedImage) -> bytes:
+    return (media_root() / image.file).read_bytes()
 
 
 def image_b64(image: GeneratedImage) -> str:
-    return base64.b64encode((media_root() / image.file).read_bytes()).decode("ascii")
+    return base64.b64encode(image_bytes(image)).decode("ascii")
 
 
 # --- the worker side ------------------------------------------------------------------------
@@ -251,6 +264,23 @@ class _ProgressWriter:
         self.last = now
         total = max(total, 1)
         Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING, **self.lease).update(
+            progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
+            heartbeat_at=timezone.now(),
+        )
+
+
+class _PreviewWriter:
+    """Keeps the latest preview on the row (the backend already limits how often one comes)."""
+
+    def __init__(self, generation_id: Any, lease: dict[str, Any] | None = None) -> None:
+        self.generation_id = generation_id
+        self.lease = lease or {}
+
+    def __call__(self, step: int, total: int, image: Image.Image) -> None:
+        data = base64.b64encode(png_bytes(image)).decode("ascii")
+        total = max(total, 1)
+        Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING, **self.lease).update(
+            preview=data,
             progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
             heartbeat_at=timezone.now(),
         )
@@ -310,7 +340,7 @@ def generation_claim(*, generation_id: Any, worker: str) -> bool:
 def _finish(generation_id: Any, status: str, lease: dict[str, Any] | None = None, **fields: Any) -> int:
     """Only the attempt that holds the row (``lease``: its worker and attempt number) finishes it."""
     return Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
-        status=status, finished_at=timezone.now(), **fields
+        status=status, finished_at=timezone.now(), preview="", **fields
     )
 
 
@@ -345,17 +375,22 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lea
     started = generation.started_at or timezone.now()
     queue_s = (started - generation.created_at).total_seconds()
     params = GenerationParams.from_dict(generation.params)
-    init_image = None
+    init_image = mask_image = None
     if generation.input_image:
         with Image.open(media_root() / generation.input_image) as img:
             init_image = img.convert("RGB")
+    if generation.mask_image:
+        with Image.open(media_root() / generation.mask_image) as img:
+            mask_image = img.convert("L")
     t0 = time.perf_counter()
     try:
         output = get_backend().generate(
             params,
             init_image=init_image,
+            mask_image=mask_image,
             on_progress=_ProgressWriter(generation_id, lease),
             should_cancel=_CancelCheck(generation_id, cancel_flag, lease),
+            on_preview=_PreviewWriter(generation_id, lease),
         )
     except GenerationCancelled as exc:
         _finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(exc)})

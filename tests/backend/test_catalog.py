@@ -30,15 +30,16 @@ def test_the_five_models_with_their_family_size_and_pipelines():
         spec = catalog[model_id]
         assert (spec.repo, spec.family, spec.default_size, spec.source) == (repo, family, size, "hub")
         assert spec.location == f"hf://{repo}"
-        assert spec.pipelines == dict(zip(("txt2img", "img2img"), FAMILY_PIPELINES[family], strict=True))
+        assert spec.pipelines == dict(zip(("txt2img", "img2img", "inpaint"), FAMILY_PIPELINES[family], strict=True))
     assert catalog["stable-diffusion-2-1"].prediction_type == "v_prediction"
     assert catalog["sdxl-base-1.0"].pipelines == {
         "txt2img": "StableDiffusionXLPipeline",
         "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
     }
     # The fp16 variants the hub repositories publish (openjourney-v4 has none).
     assert {m for m in FIVE if catalog[m].variant == "fp16"} == set(FIVE) - {"openjourney-v4"}
-    assert {s.id for s in DEFAULT_CATALOG} == set(FIVE) | {"tiny-sd", "tiny-sdxl"}
+    assert {s.id for s in DEFAULT_CATALOG} == set(FIVE) | {"tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"}
 
 
 def test_public_dict_says_where_a_model_comes_from_but_never_a_local_path(tmp_path):
