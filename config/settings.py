@@ -222,6 +222,31 @@ try:
     _CATALOG = load_catalog(ENGINE.model_catalog_file or None)
 except CatalogError as exc:
     raise ImproperlyConfigured(str(exc)) from None
+# --- Foreign protocols ------------------------------------------------------------------------
+# OpenAI model names that clients hard-code, mapped onto catalogue ids. "name=id" entries,
+# comma-separated; an entry without "=id" means DEFAULT_MODEL.
+def _model_aliases(raw: str) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for part in raw.split(","):
+        name, sep, target = (piece.strip() for piece in part.partition("="))
+        if not name:
+            continue
+        target = target if sep and target else DEFAULT_MODEL
+        if target not in _CATALOG:
+            raise ImproperlyConfigured(
+                f"OPENAI_MODEL_ALIASES maps {name!r} to {target!r}, which is not in the catalogue; "
+                f"valid ids: {', '.join(sorted(_CATALOG))}"
+            )
+        aliases[name] = target
+    return aliases
+
+
+OPENAI_MODEL_ALIASES = _model_aliases(
+    env.get("OPENAI_MODEL_ALIASES", "dall-e-2,dall-e-3,gpt-image-1,gpt-image-1-mini,gpt-image-1.5")
+)
+# Previews of running jobs (A1111 progress, OpenAI partial images): at most one every this
+# many seconds; 0 turns them off. Read by the engine as PREVIEW_INTERVAL (see ENGINE).
+
 _unknown_models = [m for m in (DEFAULT_MODEL, *PRELOAD_MODELS) if m not in _CATALOG]
 if _unknown_models:
     raise ImproperlyConfigured(
