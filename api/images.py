@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -96,14 +98,58 @@ def write_atomic(root: Path, relative: str, data: bytes) -> Path:
     return target
 
 
+# The A1111 sampler each native scheduler is (and its "Schedule type" where it has one), so
+# the ``parameters`` text reads as A1111's infotext and tools that parse it understand it.
+INFOTEXT_SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "ddim": ("DDIM", None),
+    "ddpm": ("DDPM", None),
+    "pndm": ("PLMS", None),
+    "lms": ("LMS", None),
+    "euler": ("Euler", None),
+    "euler_a": ("Euler a", None),
+    "heun": ("Heun", None),
+    "dpmpp_2m": ("DPM++ 2M", None),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "dpmpp_2s": ("DPM++ 2S", None),
+    "unipc": ("UniPC", None),
+}
+
+
+def model_hash(model_id: str) -> str:
+    """A short stable hash of a catalogue id, in the place A1111 puts a checkpoint's hash."""
+    return hashlib.sha256(model_id.encode()).hexdigest()[:10]
+
+
+def _infotext_value(value: Any) -> str:
+    # A1111's infotext_utils.quote: a value with a comma, colon or newline goes in JSON quotes.
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def parameters_text(params: dict[str, Any], seed: int) -> str:
-    """An A1111-style ``parameters`` chunk, so the PNG records how to remake it."""
-    parts = [params.get("prompt", "")]
-    if params.get("negative_prompt"):
-        parts.append(f"Negative prompt: {params['negative_prompt']}")
-    parts.append(
-        f"Steps: {params.get('steps')}, Sampler: {params.get('scheduler') or 'default'}, "
-        f"CFG scale: {params.get('guidance_scale')}, Seed: {seed}, "
-        f"Size: {params.get('width')}x{params.get('height')}, Model: {params.get('model_id')}"
-    )
-    return "\n".join(parts)
+    """The PNG ``parameters`` chunk in A1111's infotext format, so the PNG records how to remake
+    it and A1111 tools (PNG Info, image browsers) read it: the prompt, a ``Negative prompt:``
+    line when there is one, then ``Key: value`` pairs in A1111's order."""
+    sampler, schedule = INFOTEXT_SAMPLERS.get(params.get("scheduler") or "", (None, None))
+    guidance = params.get("guidance_scale")
+    model_id = str(params.get("model_id") or "")
+    pairs: dict[str, Any] = {
+        "Steps": params.get("steps"),
+        "Sampler": sampler,
+        # A1111 always writes the schedule type; "Automatic" is the sampler's own.
+        "Schedule type": (schedule or "Automatic") if sampler else None,
+        # str(float): A1111's API writes "CFG scale: 7.0".
+        "CFG scale": float(guidance) if isinstance(guidance, int | float) else guidance,
+        "Seed": seed,
+        "Size": f"{params.get('width')}x{params.get('height')}",
+        "Model hash": model_hash(model_id) if model_id else None,
+        "Model": model_id or None,
+        "Denoising strength": params.get("strength") if params.get("kind") in ("img2img", "inpaint") else None,
+        "Mask blur": params.get("mask_blur") if params.get("kind") == "inpaint" else None,
+    }
+    settings_line = ", ".join(f"{key}: {_infotext_value(value)}" for key, value in pairs.items() if value is not None)
+    negative = params.get("negative_prompt") or ""
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{params.get('prompt', '')}{negative_line}\n{settings_line}".strip()

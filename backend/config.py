@@ -130,7 +130,9 @@ class EngineConfig:
     remote_max_retries: int = 3
     remote_backoff_s: float = 1.0
     remote_max_backoff_s: float = 30.0
-    # Live previews of a running job: at most one every this many seconds (0: none).
+    # Live previews of a running job: on or off, and at most one every this many seconds
+    # (0: one every step).
+    previews: bool = True
     preview_interval_s: float = 0.5
 
     @classmethod
@@ -165,6 +167,7 @@ class EngineConfig:
             remote_max_retries=env_int(env, "REMOTE_MAX_RETRIES", 3, minimum=0, maximum=20),
             remote_backoff_s=env_float(env, "REMOTE_BACKOFF", 1.0, minimum=0.0),
             remote_max_backoff_s=env_float(env, "REMOTE_MAX_BACKOFF", 30.0, minimum=0.0),
+            previews=env_bool(env, "PREVIEWS", True),
             preview_interval_s=env_float(env, "PREVIEW_INTERVAL", 0.5, minimum=0.0),
         )
 

@@ -76,7 +76,8 @@ class LocalBackend:
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        preview_every = self.manager.config.preview_interval_s if on_preview is not None else 0.0
+        previews = on_preview is not None and self.manager.config.previews
+        preview_every = self.manager.config.preview_interval_s
         last_preview = [float("-inf")]
 
         def step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -88,17 +89,12 @@ class LocalBackend:
                 on_progress(step + 1, total)
             now = time.monotonic()
             latents = callback_kwargs.get("latents")
-            if (
-                preview_every > 0
-                and latents is not None
-                and step + 1 < total
-                and now - last_preview[0] >= preview_every
-            ):
+            if previews and latents is not None and step + 1 < total and now - last_preview[0] >= preview_every:
                 last_preview[0] = now
                 try:
                     on_preview(step + 1, total, latents_to_rgb(latents, model.spec.family))  # type: ignore[misc]
                 except Exception:  # noqa: BLE001 - a preview is a nicety; it never fails the job
-                    log.debug("preview failed", exc_info=True)
+                    log.warning("preview of step %d failed", step + 1, exc_info=True)
             return callback_kwargs
 
         if should_cancel is not None and should_cancel():

@@ -222,6 +222,8 @@ try:
     _CATALOG = load_catalog(ENGINE.model_catalog_file or None)
 except CatalogError as exc:
     raise ImproperlyConfigured(str(exc)) from None
+
+
 # --- Foreign protocols ------------------------------------------------------------------------
 # OpenAI model names that clients hard-code, mapped onto catalogue ids. "name=id" entries,
 # comma-separated; an entry without "=id" means DEFAULT_MODEL.
@@ -244,8 +246,8 @@ def _model_aliases(raw: str) -> dict[str, str]:
 OPENAI_MODEL_ALIASES = _model_aliases(
     env.get("OPENAI_MODEL_ALIASES", "dall-e-2,dall-e-3,gpt-image-1,gpt-image-1-mini,gpt-image-1.5")
 )
-# Previews of running jobs (A1111 progress, OpenAI partial images): at most one every this
-# many seconds; 0 turns them off. Read by the engine as PREVIEW_INTERVAL (see ENGINE).
+# Previews of running jobs (A1111 progress, OpenAI partial images) are engine settings:
+# PREVIEWS and PREVIEW_INTERVAL (see ENGINE).
 
 _unknown_models = [m for m in (DEFAULT_MODEL, *PRELOAD_MODELS) if m not in _CATALOG]
 if _unknown_models:
