@@ -25,6 +25,12 @@ from .serializers import Img2ImgRequestSerializer, InpaintRequestSerializer
 # --- authentication ---------------------------------------------------------------------------
 
 
+def native_endpoints_only(endpoints: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The schema describes the native API; /v1/, /sdapi/v1/ and /models/ follow their owners'
+    specifications, field by field in docs/compat.md."""
+    return [endpoint for endpoint in endpoints if endpoint[0].startswith("/api/")]
+
+
 class ApiKeyScheme(OpenApiAuthenticationExtension):
     """``Authorization: Bearer <key>``; optional while the server runs with AUTH_REQUIRED off."""
 

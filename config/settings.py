@@ -156,9 +156,11 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Stable Diffusion API",
-    "DESCRIPTION": "txt2img and img2img over REST, on local diffusers pipelines or the Hugging Face Inference API.",
+    "DESCRIPTION": "txt2img, img2img and inpainting over REST, on local diffusers pipelines or the Hugging Face Inference API.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The native API under /api/; the foreign protocols are documented in docs/compat.md.
+    "PREPROCESSING_HOOKS": ["api.schema.native_endpoints_only"],
 }
 
 # --- Access -----------------------------------------------------------------------------------

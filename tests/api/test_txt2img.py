@@ -36,6 +36,7 @@ def test_sync_txt2img_returns_finished_generation_with_resolved_params(api):
         "num_images": 1,
         "scheduler": None,
         "strength": None,
+        "mask_blur": None,
     }
     assert body["seed"] == 7 and body["error"] is None
     assert body["progress"]["fraction"] == 1.0
