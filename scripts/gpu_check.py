@@ -8,6 +8,8 @@ For each model given (default: tiny-sd) it reports, on the device the settings p
   and whether the image is flat (black images mean NaNs: the fp16 pitfalls);
 - img2img made with ``from_pipe``: that it shares the modules of txt2img, how much memory it
   added (GPU and process), and its time;
+- inpaint, also made with ``from_pipe``: that it shares the modules, its time, and that the
+  pixels outside the mask come back unchanged;
 - unload: how much GPU memory is left allocated afterwards.
 
 It exits non-zero if a model fails to load or generate, makes a flat image, doesn't share its
@@ -114,7 +116,8 @@ def check_model(manager: Any, model_id: str, args: argparse.Namespace, memory: M
             steps=steps,
             guidance_scale=spec.default_guidance_scale,
             seed=seed,
-            strength=0.6 if kind == "img2img" else None,
+            strength=0.6 if kind != "txt2img" else None,
+            mask_blur=4 if kind == "inpaint" else None,
         )
 
     allocated_before = memory.allocated()
@@ -179,8 +182,26 @@ def check_model(manager: Any, model_id: str, args: argparse.Namespace, memory: M
     if args.save_images:
         out.images[0].image.save(args.save_images / f"{model_id}-img2img.png")
 
+    # Inpaint, also made with from_pipe: the centre square repainted, the rest pasted back.
+    from PIL import Image
+
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    inpaint = model.inpaint
+    if inpaint.unet is not model.txt2img.unet or inpaint.vae is not model.txt2img.vae:
+        row["problems"].append("inpaint does not share the txt2img modules")
+    started = time.perf_counter()
+    out = backend.generate(params("inpaint", 4), init_image=image, mask_image=mask)
+    memory.sync()
+    row["inpaint_s"] = round(time.perf_counter() - started, 2)
+    corner = (0, 0, size // 8, size // 8)
+    if out.images[0].image.crop(corner).tobytes() != image.convert("RGB").crop(corner).tobytes():
+        row["problems"].append("inpaint changed pixels outside the mask")
+    if args.save_images:
+        out.images[0].image.save(args.save_images / f"{model_id}-inpaint.png")
+
     weights = module_bytes(model.txt2img)
-    del model, img2img, out, image
+    del model, img2img, inpaint, out, image
     manager.unload(model_id)
     allocated_after = memory.allocated()
     row["allocated_after_unload"] = mib(allocated_after)
