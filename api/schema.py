@@ -162,7 +162,7 @@ class ProgressDocSerializer(serializers.Serializer):
 class ParamsDocSerializer(serializers.Serializer):
     """The resolved parameters: the request with every default filled in."""
 
-    kind = serializers.ChoiceField(choices=["txt2img", "img2img"])
+    kind = serializers.ChoiceField(choices=["txt2img", "img2img", "inpaint"])
     model_id = serializers.CharField()
     prompt = serializers.CharField()
     negative_prompt = serializers.CharField(allow_blank=True)
@@ -173,7 +173,8 @@ class ParamsDocSerializer(serializers.Serializer):
     seed = serializers.IntegerField(min_value=0, max_value=SEED_MAX)
     num_images = serializers.IntegerField()
     scheduler = serializers.CharField(allow_null=True)
-    strength = serializers.FloatField(allow_null=True, help_text="img2img only.")
+    strength = serializers.FloatField(allow_null=True, help_text="img2img and inpaint only.")
+    mask_blur = serializers.IntegerField(allow_null=True, help_text="inpaint only.")
 
     class Meta:
         ref_name = "GenerationParams"
@@ -182,7 +183,7 @@ class ParamsDocSerializer(serializers.Serializer):
 class GenerationDocSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    kind = serializers.ChoiceField(choices=["txt2img", "img2img"])
+    kind = serializers.ChoiceField(choices=["txt2img", "img2img", "inpaint"])
     model_id = serializers.CharField()
     params = ParamsDocSerializer()
     images = ImageDocSerializer(many=True)
