@@ -3,7 +3,7 @@
 Keys this server has no use for (``alwayson_scripts``, ``enable_hr``, ``restore_faces``,
 ``save_images``, ``clip_skip``, SillyTavern's ``url``/``auth``, ...) are ignored, as A1111
 clients send many of them by default. A known key with a bad value is refused, named in A1111's
-terms. docs/compat/a1111.md lists every field and what happens to it.
+terms. docs/compat.md lists every field and what happens to it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's wire shapes: its sampler and scheduler tables, and the fixed listings.
 
 Only the samplers this server can run are listed. Each maps onto one native scheduler; where
-A1111 has no exact twin here the nearest one runs, and ``note`` says so (docs/compat/a1111.md
+A1111 has no exact twin here the nearest one runs, and ``note`` says so (docs/compat.md
 carries the same table).
 """
 

@@ -3,5 +3,5 @@
 ``fields`` maps an OpenAI request onto native request fields (the one translation),
 ``errors`` renders failures in OpenAI's error shape, ``encoding`` converts the stored PNGs to
 the requested output format, ``streaming`` turns a running job into server-sent events and
-``views`` wires them to HTTP. docs/compat/openai.md lists every field and how it is treated.
+``views`` wires them to HTTP. docs/compat.md lists every field and how it is treated.
 """
