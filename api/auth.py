@@ -55,13 +55,11 @@ class KeyUser:
         return f"key:{self.api_key.prefix}"
 
 
-def _presented_key(request: Request) -> str | None:
-    """The key in ``Authorization: Bearer <key>``, or the password of ``Basic`` (user ignored).
-
-    A1111 clients (Open WebUI, SillyTavern, webuiapi) can only send Basic credentials.
-    """
+def _presented_key(request: Request, schemes: tuple[bytes, ...]) -> str | None:
+    """The key in ``Authorization: Bearer <key>``, or (where ``schemes`` allows it) the
+    password of ``Basic`` (user ignored): A1111 clients can only send Basic credentials."""
     parts = get_authorization_header(request).split()
-    if not parts or parts[0].lower() not in (b"bearer", b"basic"):
+    if not parts or parts[0].lower() not in schemes:
         return None
     scheme = parts[0].decode("ascii").capitalize()
     if len(parts) != 2:
@@ -78,8 +76,11 @@ def _presented_key(request: Request) -> str | None:
 
 
 class ApiKeyAuthentication(BaseAuthentication):
+    # The native API reads Bearer only: a proxy's own Basic login in front of it passes by.
+    schemes: tuple[bytes, ...] = (b"bearer",)
+
     def authenticate(self, request: Request) -> tuple[KeyUser, ApiKey] | None:
-        key = _presented_key(request)
+        key = _presented_key(request, self.schemes)
         if key is None:
             return None
         api_key = ApiKey.objects.filter(key_hash=hash_key(key)).first()
@@ -101,6 +102,8 @@ class ClientCompatibleAuthentication(ApiKeyAuthentication):
     """For the foreign protocols: with AUTH_REQUIRED off, a key this server doesn't know is
     the anonymous caller rather than a 401. The OpenAI SDK always sends a bearer, and Open
     WebUI sends whatever Basic credentials its user typed; neither can send none."""
+
+    schemes = (b"bearer", b"basic")
 
     def authenticate(self, request: Request) -> tuple[KeyUser, ApiKey] | None:
         try:

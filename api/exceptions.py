@@ -119,16 +119,24 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 # in the one error shape; elsewhere (admin, media) Django's pages stay.
 
 
+def _protocol_error(request: HttpRequest, status: int, code: str, message: str) -> HttpResponse | None:
+    """Under a foreign protocol's prefix (/v1/, /sdapi/, /models/): that protocol's shape."""
+    from .middleware import protocol_error
+
+    return protocol_error(request.path, status, code, message)
+
+
 def not_found_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
-    return defaults.page_not_found(request, exception)
+    return _protocol_error(request, 404, "not_found", "Not Found") or defaults.page_not_found(request, exception)
 
 
 def bad_request_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    message = "The request was refused as malformed or unsafe."
     if request.path.startswith("/api/"):
-        return JsonResponse(error_body("bad_request", "The request was refused as malformed or unsafe."), status=400)
-    return defaults.bad_request(request, exception)
+        return JsonResponse(error_body("bad_request", message), status=400)
+    return _protocol_error(request, 400, "bad_request", message) or defaults.bad_request(request, exception)
 
 
 def permission_denied_view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

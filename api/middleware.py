@@ -18,11 +18,26 @@ class RequestSizeLimitMiddleware:
         try:
             length = int(raw)
         except ValueError:
-            return _error(400, "bad_request", f"Content-Length must be a number, got {raw[:20]!r}")
+            return _error(request, 400, "bad_request", f"Content-Length must be a number, got {raw[:20]!r}")
         if limit is not None and length > limit:
-            return _error(413, "request_too_large", f"the request body must be at most {limit} bytes, got {length}")
+            return _error(
+                request, 413, "request_too_large", f"the request body must be at most {limit} bytes, got {length}"
+            )
         return self.get_response(request)
 
 
-def _error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+def _error(request: HttpRequest, status: int, code: str, message: str) -> HttpResponse:
+    return protocol_error(request.path, status, code, message) or JsonResponse(
+        {"error": {"code": code, "message": message}}, status=status
+    )
+
+
+def protocol_error(path: str, status: int, code: str, message: str) -> HttpResponse | None:
+    """In the error shape of the foreign protocol that owns ``path`` (ERROR_SHAPE_FOR_PATH);
+    None under /api/ and anywhere no protocol claims."""
+    from django.utils.module_loading import import_string
+
+    hook = getattr(settings, "ERROR_SHAPE_FOR_PATH", "")
+    if not hook or path.startswith("/api/"):
+        return None
+    return import_string(hook)(path, status, code, message)

@@ -282,6 +282,21 @@ class InpaintRequestSerializer(Img2ImgRequestSerializer):
             raise serializers.ValidationError(f"mask_blur must be between 0 and 64 pixels, got {value}")
         return value
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from backend.router import current_mode
+
+        # Refused here, before anything is stored or queued: the remote backend can't do it.
+        if current_mode() == "remote":
+            raise serializers.ValidationError(
+                {
+                    "mask": [
+                        "inpainting runs on local models only (USE_LOCAL_MODELS=false sends work to the "
+                        "Hugging Face Inference API, which has no inpainting task)"
+                    ]
+                }
+            )
+        return super().validate(attrs)
+
 
 # --- responses ----------------------------------------------------------------------------
 

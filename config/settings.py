@@ -162,6 +162,9 @@ SPECTACULAR_SETTINGS = {
     # The native API under /api/; the foreign protocols are documented in docs/compat.md.
     "PREPROCESSING_HOOKS": ["api.schema.native_endpoints_only"],
 }
+# Errors raised before any view runs (an oversized body, an unknown path) under /v1/,
+# /sdapi/ and /models/ answer in that protocol's shape.
+ERROR_SHAPE_FOR_PATH = "protocols.common.problem_response_for_path"
 
 # --- Access -----------------------------------------------------------------------------------
 # true: every endpoint but /api/health/ needs "Authorization: Bearer <key>" (manage.py create_api_key).

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import SuspiciousOperation
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from rest_framework import exceptions
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.auth import ClientCompatibleAuthentication, GenerateRateThrottle, KeyRequiredIfConfigured, request_key
-from api.exceptions import ApiError, _fields, _flatten
+from api.exceptions import _CODES, ApiError, _fields, _flatten
 from api.models import ApiKey, Generation, Status
 from api.services import jobs
 from api.services.requests import GenerationRequest, RequestInvalid, generation_request_validate
@@ -44,19 +45,6 @@ class Problem(Exception):
 
     def __str__(self) -> str:
         return self.message
-
-
-_CODES = {
-    exceptions.NotAuthenticated: "not_authenticated",
-    exceptions.AuthenticationFailed: "authentication_failed",
-    exceptions.PermissionDenied: "permission_denied",
-    exceptions.NotFound: "not_found",
-    exceptions.MethodNotAllowed: "method_not_allowed",
-    exceptions.NotAcceptable: "not_acceptable",
-    exceptions.UnsupportedMediaType: "unsupported_media_type",
-    exceptions.Throttled: "rate_limited",
-    exceptions.ParseError: "parse_error",
-}
 
 
 def problem_from(exc: BaseException) -> Problem:
@@ -118,6 +106,13 @@ class ProtocolView(APIView):
     """Base of every foreign protocol view: lenient auth when keys are off, errors as Problems."""
 
     authentication_classes = [ClientCompatibleAuthentication]
+    # Always JSON (or the protocol's bytes): never DRF's browsable HTML nor a 406, whatever
+    # Accept says; these clients don't negotiate.
+    renderer_classes = [JSONRenderer]
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> tuple[Any, str]:
+        return JSONRenderer(), JSONRenderer.media_type
+
     permission_classes = [KeyRequiredIfConfigured]
     # Reads are throttled by the project default; generating views add GenerateRateThrottle.
     generate_throttled = False
@@ -182,7 +177,29 @@ def sse(data: Mapping[str, Any], *, event: str | None = None) -> bytes:
     return (head + "data: " + json.dumps(data, separators=(",", ":")) + "\n\n").encode()
 
 
-def sse_lines(events: Iterator[bytes]) -> Iterator[bytes]:
-    """Pass events through; a comment first so proxies and clients see the stream open."""
-    yield b": stream open\n\n"
-    yield from events
+# Where each protocol lives, and the view whose ``render_problem`` speaks its error shape.
+# For what is refused before any view runs: an oversized body (middleware), an unknown path.
+PROTOCOL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("v1/", "protocols.openai_images.views.OpenAIView"),
+    ("sdapi/", "protocols.a1111.views.A1111View"),
+    ("internal/", "protocols.a1111.views.A1111View"),
+    ("models/", "protocols.hf_task.views.ModelTaskView"),
+)
+
+
+def problem_response_for_path(path: str, status: int, code: str, message: str) -> HttpResponse | None:
+    """The error response in the shape of the protocol that owns ``path``; None for the rest."""
+    from django.utils.module_loading import import_string
+
+    bare = path.lstrip("/")
+    for prefix, view_path in PROTOCOL_PREFIXES:
+        if bare.startswith(prefix) or bare == prefix.rstrip("/"):
+            problem = Problem(status, code, message)
+            response = import_string(view_path)().render_problem(problem)
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = JSONRenderer.media_type
+            response.renderer_context = {}
+            for key, value in problem.headers.items():
+                response[key] = value
+            return response.render()
+    return None

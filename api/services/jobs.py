@@ -333,6 +333,7 @@ def generation_claim(*, generation_id: Any, worker: str) -> bool:
             attempts=F("attempts") + 1,
             worker=worker[:128],
             progress=None,
+            preview="",
         )
     )
 
@@ -490,13 +491,14 @@ def generation_recover(
             changed = held.update(
                 status=Status.CANCELLED,
                 finished_at=now,
+                preview="",
                 error={"code": "cancelled", "message": "cancelled while its worker was lost"},
             )
         elif row.attempts < max_attempts:
             key = "requeued"
             # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
             changed = held.filter(cancel_requested=False).update(
-                status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None
+                status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
             )
         else:
             key = "failed"
@@ -504,6 +506,7 @@ def generation_recover(
             changed = held.update(
                 status=Status.FAILED,
                 finished_at=now,
+                preview="",
                 error={"code": "worker_lost", "message": message, "http_status": 500},
             )
         if changed:

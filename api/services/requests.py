@@ -68,6 +68,16 @@ def generation_request_validate(*, kind: str, data: Mapping[str, Any]) -> Genera
     )
 
 
+def image_fit_size(*, image: Image.Image, longest: int) -> tuple[int, int]:
+    """A size for an input image with no size asked for: its aspect ratio, its longer side at
+    ``longest`` (the model's default size), in multiples of 8 within the size limits."""
+    lim = limits()
+    lo, hi = lim["MIN_SIZE"] + (-lim["MIN_SIZE"] % 8), lim["MAX_SIZE"] - lim["MAX_SIZE"] % 8
+    scale = min(longest, hi) / max(image.size)
+    width, height = (min(hi, max(lo, round(side * scale / 8) * 8)) for side in image.size)
+    return width, height
+
+
 def image_decode(data: Any, *, field: str) -> Image.Image:
     """An uploaded file, base64 string or data URL as an image, under the upload limits.
 

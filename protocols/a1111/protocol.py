@@ -22,17 +22,25 @@ class Sampler:
     note: str = ""
 
 
+# Aliases include stable-diffusion.cpp's names (euler_a, dpm++2m, ...), which SillyTavern's
+# sdcpp source sends over this same API, and "DPM++ 2S", which this server's own infotexts
+# write for its DPM++ 2S scheduler, so a PNG's parameters can be sent back as they are.
 SAMPLERS: tuple[Sampler, ...] = (
-    Sampler("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), karras="dpmpp_2m_karras"),
+    Sampler("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m", "dpm++2m", "dpm++2mv2"), karras="dpmpp_2m_karras"),
     # The name before A1111 1.9 split samplers from schedule types.
     Sampler("DPM++ 2M Karras", "dpmpp_2m_karras", ("k_dpmpp_2m_ka",), options={"scheduler": "karras"}, note="old name"),
-    Sampler("DPM++ 2S a", "dpmpp_2s", ("k_dpmpp_2s_a",), note="runs DPM++ 2S (single-step), not ancestral"),
+    Sampler(
+        "DPM++ 2S a",
+        "dpmpp_2s",
+        ("k_dpmpp_2s_a", "DPM++ 2S", "dpm++2s_a"),
+        note="runs DPM++ 2S (single-step), not ancestral",
+    ),
     Sampler("DPM++ SDE", "dpmpp_2s", ("k_dpmpp_sde",), note="runs DPM++ 2S (single-step), no SDE noise"),
-    Sampler("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral")),
+    Sampler("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral", "euler_a")),
     Sampler("Euler", "euler", ("k_euler",)),
     Sampler("LMS", "lms", ("k_lms",)),
     Sampler("Heun", "heun", ("k_heun",)),
-    Sampler("DPM2", "heun", ("k_dpm_2",), note="runs Heun, the nearest second-order sampler"),
+    Sampler("DPM2", "heun", ("k_dpm_2", "dpm2"), note="runs Heun, the nearest second-order sampler"),
     Sampler("DPM2 a", "euler_a", ("k_dpm_2_a",), note="runs Euler a, the nearest ancestral sampler"),
     Sampler("DDIM", "ddim", ("ddim",)),
     Sampler("DDPM", "ddpm", ("ddpm",)),
@@ -71,14 +79,14 @@ class Schedule:
 # A1111's schedule types. Only Karras changes what runs (with DPM++ 2M); the others are
 # accepted so A1111's own defaults ("automatic", SillyTavern's "normal") work.
 SCHEDULES: tuple[Schedule, ...] = (
-    Schedule("automatic", "Automatic"),
+    Schedule("automatic", "Automatic", ("discrete",)),  # "discrete": stable-diffusion.cpp's default
     Schedule("uniform", "Uniform", need_inner_model=True),
     Schedule("karras", "Karras", default_rho=7.0),
     Schedule("exponential", "Exponential"),
     Schedule("polyexponential", "Polyexponential", default_rho=1.0),
     Schedule("sgm_uniform", "SGM Uniform", ("SGMUniform",), need_inner_model=True),
     Schedule("kl_optimal", "KL Optimal"),
-    Schedule("align_your_steps", "Align Your Steps"),
+    Schedule("align_your_steps", "Align Your Steps", ("ays",)),
     Schedule("simple", "Simple"),
     Schedule("normal", "Normal"),
     Schedule("ddim", "DDIM"),

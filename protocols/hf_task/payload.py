@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.services.requests import image_decode
+from api.selectors import model_catalog
+from api.services.requests import image_decode, image_fit_size
 from protocols.common import Problem
 
 from .schedulers import accepted_names, scheduler_native
@@ -37,6 +38,10 @@ _BOTH = frozenset(_PARAMS) | {"target_size"}
 # first 32 characters that also decodes to an image signature is not a prompt.
 _MIN_B64_IMAGE_CHARS = 64
 _HEAD_CHARS = 32
+
+
+def _default_size(model_id: str) -> int:
+    return model_catalog()[model_id].default_size
 
 
 def is_image_bytes(data: bytes) -> bool:
@@ -160,12 +165,16 @@ def task_request(*, model_id: str, inputs: Any, parameters: Mapping[str, Any], r
     image = image_decode(image_source, field="image")
     req.fields["image"] = image
     req.names["image"] = "inputs"
-    for axis, size in (("width", image.width), ("height", image.height)):
+    fitted = dict(zip(("width", "height"), image_fit_size(image=image, longest=_default_size(model_id)), strict=True))
+    for axis in ("width", "height"):
         if axis not in req.fields:
-            # No target size: the input image's own size, down to the multiple of 8 a pipeline needs.
-            req.fields[axis] = size - size % 8
+            # No target size: the input's aspect ratio at the model's size (a phone photo's own
+            # 4032 px would be far past both the limits and what the model was trained on).
+            req.fields[axis] = fitted[axis]
             req.names[axis] = f"target_size.{axis}"
-            req.notes[axis] = f"taken from the input image ({image.width}x{image.height}); send target_size"
+            req.notes[axis] = (
+                f"fitted to the model from the input image ({image.width}x{image.height}); send target_size"
+            )
     return req
 
 

@@ -16,6 +16,7 @@ from django.conf import settings
 from PIL import Image
 
 from api.selectors import model_catalog
+from api.services.requests import image_fit_size
 from protocols.common import Problem
 
 # quality -> multiple of the model's default_steps (rounded, at least 1, capped by MAX_STEPS).
@@ -157,15 +158,6 @@ def size_parse(data: Mapping[str, Any]) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def fit_size(image: Image.Image, longest: int) -> tuple[int, int]:
-    """The input's aspect ratio with its longer side at ``longest``, in multiples of 8."""
-    lo = settings.GENERATION_LIMITS["MIN_SIZE"]
-    lo += -lo % 8
-    width, height = image.size
-    scale = longest / max(width, height)
-    return tuple(max(lo, round(side * scale / 8) * 8) for side in (width, height))  # type: ignore[return-value]
-
-
 def _common(data: Mapping[str, Any], req: ImagesRequest) -> None:
     """The fields every endpoint shares, onto ``req``."""
     fields = req.fields
@@ -261,7 +253,7 @@ def _image_fields(data: Mapping[str, Any], req: ImagesRequest, image: Image.Imag
     if "width" not in req.fields:
         # size absent or "auto": the input's shape at the model's own resolution.
         spec = model_catalog()[req.fields["model_id"]]
-        req.fields["width"], req.fields["height"] = fit_size(image, spec.default_size)
+        req.fields["width"], req.fields["height"] = image_fit_size(image=image, longest=spec.default_size)
 
 
 def mask_from_alpha(mask: Image.Image) -> Image.Image:

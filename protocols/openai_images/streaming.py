@@ -45,6 +45,8 @@ def image_events(*, generation_id: Any, prefix: str, req: ImagesRequest) -> Iter
     """``prefix`` is ``image_generation`` or ``image_edit``."""
     done = False
     try:
+        # Inside the try: a client gone before the first event still has its job cancelled.
+        yield b": stream open\n\n"
         row = Generation.objects.get(pk=generation_id)
         params = row.params or {}
         width, height = int(params.get("width", 0)), int(params.get("height", 0))
@@ -74,7 +76,11 @@ def image_events(*, generation_id: Any, prefix: str, req: ImagesRequest) -> Iter
                 yield b": keep-alive\n\n"
                 last_write = time.monotonic()
             time.sleep(POLL_S)
-            row.refresh_from_db()
+            try:
+                row.refresh_from_db()
+            except Generation.DoesNotExist:
+                done = True
+                raise Problem(404, "not_found", f"generation {generation_id} was deleted while it ran") from None
         problem = generation_problem(row)
         if problem is not None:
             # Unfinished past SYNC_TIMEOUT: like a synchronous request, the job goes on.

@@ -17,7 +17,7 @@ from api.models import Generation
 from api.selectors import model_catalog
 from api.services import jobs
 from api.services.requests import RequestInvalid, image_decode
-from protocols.common import Problem, ProtocolView, generation_problem, json_body, sse_lines
+from protocols.common import Problem, ProtocolView, generation_problem, json_body
 
 from .encoding import encode_b64
 from .errors import PARAM_OF_NATIVE, error_response
@@ -52,7 +52,7 @@ class ImagesView(OpenAIView):
             raise native_invalid(exc, req) from None
         if req.stream:
             events = image_events(generation_id=generation.id, prefix=self.stream_prefix, req=req)
-            response = StreamingHttpResponse(sse_lines(events), content_type="text/event-stream")
+            response = StreamingHttpResponse(events, content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response

@@ -58,10 +58,10 @@ def test_all_loads_every_catalogue_model(offline_manager, tiny_model_dirs):
     local = {"id": "local-sd", "family": "sd15", "default_size": 64, "path": str(tiny_model_dirs["tiny-sd"])}
     manager = offline_manager([{"id": i, "remove": True} for i in hub_ids] + [local])
     out, _ = run("--all")
-    for model_id in ("tiny-sd", "tiny-sdxl", "local-sd"):
+    for model_id in ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "local-sd"):
         assert f"{model_id}: loaded in " in out
     assert "MAX_LOADED_MODELS=2" in out and "unloaded again" in out
-    assert manager.load_count == {"tiny-sd": 1, "tiny-sdxl": 1, "local-sd": 1}
+    assert manager.load_count == {"tiny-sd": 1, "tiny-sdxl": 1, "tiny-sd-inpaint": 1, "local-sd": 1}
 
 
 def test_a_failure_is_named_and_the_others_still_load(offline_manager):

@@ -298,3 +298,15 @@ def test_the_token_never_appears_in_logs_or_responses(api, remote, server, caplo
     for row in Generation.objects.all():
         assert secret not in json.dumps(row.error or {}) and secret not in json.dumps(row.warnings or [])
     assert "Bearer ***" in rejected.json()["error"]["message"]
+
+
+def test_inpainting_in_remote_mode_is_refused_before_anything_is_stored(api, remote, server):
+    image = base64.b64encode(png_of()).decode()
+    before = (Generation.objects.count(), len(server.requests))
+    inputs = Path(django_settings.MEDIA_ROOT) / "inputs"
+    files_before = set(inputs.iterdir()) if inputs.exists() else set()
+    r = api.post("/api/inpaint/", {"prompt": "x", "image": image, "mask": image}, format="json")
+    assert r.status_code == 400, r.content
+    assert "inpainting runs on local models only" in r.json()["error"]["fields"]["mask"][0]
+    assert (Generation.objects.count(), len(server.requests)) == before
+    assert (set(inputs.iterdir()) if inputs.exists() else set()) == files_before

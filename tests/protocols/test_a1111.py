@@ -336,3 +336,24 @@ def test_per_key_checkpoint_progress_and_interrupt(live_server, monkeypatch):  #
     assert Generation.objects.get(owner=row_a).status == Status.CANCELLED
     after = requests.get(f"{base}/progress", headers=a, timeout=30).json()
     assert after["progress"] == 0 and after["state"]["job_count"] == 0
+
+
+def test_an_infotext_sampler_and_sdcpp_names_are_accepted_back(live_server):
+    """Every sampler this server writes into a PNG's parameters is one it accepts again, and
+    SillyTavern's stable-diffusion.cpp names (euler_a, dpm++2m; schedules discrete, ays) map."""
+    from api.images import INFOTEXT_SAMPLERS
+    from protocols.a1111.protocol import sampler_find, schedule_find
+
+    for native, (name, schedule) in INFOTEXT_SAMPLERS.items():
+        found = sampler_find(name)
+        assert found is not None, name
+        assert found.native == native or (schedule == "Karras" and found.karras == native), (native, name)
+    assert sampler_find("euler_a").native == "euler_a" and sampler_find("dpm++2m").native == "dpmpp_2m"
+    assert schedule_find("discrete").name == "automatic" and schedule_find("ays").name == "align_your_steps"
+    r = requests.post(
+        f"{live_server.url}/sdapi/v1/txt2img",
+        json={"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DPM++ 2S", "scheduler": "ays"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert Generation.objects.get().params["scheduler"] == "dpmpp_2s"

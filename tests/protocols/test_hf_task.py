@@ -126,11 +126,15 @@ def test_image_to_image_with_target_size_and_strength(live_server):
     assert np.array_equal(pixels(image), pixels(stored(row)))
 
 
-def test_image_to_image_without_target_size_keeps_the_input_size_and_default_strength(live_server):
-    image = client_for(live_server).image_to_image(png_of(size=(75, 64)), prompt="red", num_inference_steps=4)
-    assert image.size == (72, 64)  # 75 down to the multiple of 8 a pipeline needs
+def test_image_to_image_without_target_size_fits_the_input_to_the_model_and_uses_default_strength(
+    live_server, settings
+):
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MIN_SIZE": 32}
+    # A 4:3 photo far larger than the model's 64 px: its aspect ratio, its long side at 64.
+    image = client_for(live_server).image_to_image(png_of(size=(1024, 768)), prompt="red", num_inference_steps=4)
+    assert image.size == (64, 48)
     row = Generation.objects.get()
-    assert (row.kind, row.params["width"], row.params["height"], row.params["strength"]) == ("img2img", 72, 64, 0.75)
+    assert (row.kind, row.params["width"], row.params["height"], row.params["strength"]) == ("img2img", 64, 48, 0.75)
 
 
 def test_a_short_or_base64_looking_prompt_is_a_prompt(live_server):
