@@ -21,6 +21,7 @@ urlpatterns = [
     route("progress", views.ProgressView.as_view(), "progress"),
     route("interrupt", views.InterruptView.as_view(), "interrupt"),
     route("skip", views.SkipView.as_view(), "skip"),
+    route("png-info", views.PngInfoView.as_view(), "png-info"),
     route("samplers", views.listing(views.samplers_payload), "samplers"),
     route("schedulers", views.listing(views.schedulers_payload), "schedulers"),
     route("upscalers", views.listing(views.upscalers_payload), "upscalers"),

@@ -20,10 +20,12 @@ from api.images import INFOTEXT_SAMPLERS, model_hash, parameters_text
 from api.models import Generation, Status
 from api.selectors import generation_active, generation_preview, model_catalog
 from api.services import jobs
+from api.services.requests import RequestInvalid, image_decode
 
 from ..common import Problem, ProtocolView, generation_problem, json_body
 from . import protocol
 from .mapping import FIELD_NAMES, A1111Invalid, a1111_message, checkpoint_of, to_native
+from .pnginfo import png_info
 from .state import checkpoint_get, checkpoint_set, title_of
 
 
@@ -404,6 +406,21 @@ def scripts_payload() -> dict[str, Any]:
 
 def cmd_flags_payload() -> dict[str, Any]:
     return dict(CMD_FLAGS)
+
+
+class PngInfoView(A1111View):
+    """The parameters a PNG carries (this server's and A1111's own images alike)."""
+
+    def post(self, request: Request) -> Response:
+        body = json_body(request)
+        source = body.get("image")
+        if not isinstance(source, str) or not source.strip():
+            raise A1111Invalid({"image": ["image is required: a base64 PNG or data URL"]})
+        try:
+            image = image_decode(source, field="image")
+        except RequestInvalid as exc:
+            raise A1111Invalid({"image": exc.fields.get("image", [exc.message])}) from None
+        return Response(png_info(dict(image.info)))
 
 
 class NotFoundView(A1111View):

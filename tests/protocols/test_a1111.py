@@ -357,3 +357,36 @@ def test_an_infotext_sampler_and_sdcpp_names_are_accepted_back(live_server):
     )
     assert r.status_code == 200, r.text
     assert Generation.objects.get().params["scheduler"] == "dpmpp_2s"
+
+
+def test_png_info_reads_back_what_a_generation_wrote(live_server, client):  # noqa: ANN001
+    api = client
+    result = api.txt2img(
+        prompt="a fox, in snow",
+        negative_prompt="blurry",
+        seed=77,
+        steps=3,
+        width=64,
+        height=64,
+        cfg_scale=6,
+        sampler_name="Euler a",
+    )
+    info = api.png_info(result.image)
+    params = info.parameters
+    assert info.info == result.info["infotexts"][0]
+    assert (params["Prompt"], params["Negative prompt"]) == ("a fox, in snow", "blurry")
+    assert (params["Seed"], params["Steps"], params["Sampler"], params["CFG scale"]) == ("77", "3", "Euler a", "6.0")
+    assert (params["Size-1"], params["Size-2"], params["Model"]) == ("64", "64", "tiny-sd")
+    # A quoted value (a comma inside) comes back unquoted.
+    from protocols.a1111.pnginfo import parse_infotext
+
+    assert parse_infotext('p\nSteps: 2, Sampler: Euler, Model: "a, b"')["Model"] == "a, b"
+    # An image with no parameters: empty info, as A1111 answers; a non-image: 422 naming image.
+    plain = requests.post(
+        f"{live_server.url}/sdapi/v1/png-info",
+        json={"image": base64.b64encode(decode_png(solid((9, 9, 9)))).decode()},
+        timeout=60,
+    )
+    assert plain.status_code == 200 and plain.json() == {"info": "", "items": {}, "parameters": {}}
+    bad = requests.post(f"{live_server.url}/sdapi/v1/png-info", json={"image": "bm90IGFuIGltYWdl"}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "image"]
