@@ -115,9 +115,14 @@ INFOTEXT_SAMPLERS: dict[str, tuple[str, str | None]] = {
 }
 
 
+def model_sha256(model_id: str) -> str:
+    """A stable hash of a catalogue id, where A1111 puts a checkpoint file's sha256."""
+    return hashlib.sha256(model_id.encode()).hexdigest()
+
+
 def model_hash(model_id: str) -> str:
-    """A short stable hash of a catalogue id, in the place A1111 puts a checkpoint's hash."""
-    return hashlib.sha256(model_id.encode()).hexdigest()[:10]
+    """The short form (A1111's "Model hash"): the first 10 hex digits of :func:`model_sha256`."""
+    return model_sha256(model_id)[:10]
 
 
 def _infotext_value(value: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from api.images import model_hash
+from api.images import model_hash, model_sha256
 from api.models import ApiKey, ClientState
 from api.selectors import model_catalog
 
@@ -39,8 +39,6 @@ def title_of(model_id: str) -> str:
 def checkpoint_lookup(value: str) -> str | None:
     """A catalogue id from what A1111 clients send: a title, a model name (the id), a short
     hash or the full sha256; exact first, then ignoring case. Never a path."""
-    import hashlib
-
     catalog = model_catalog()
     wanted = value.strip()
     for exact in (True, False):
@@ -49,7 +47,7 @@ def checkpoint_lookup(value: str) -> str | None:
                 model_id,
                 title_of(model_id),
                 model_hash(model_id),
-                hashlib.sha256(model_id.encode()).hexdigest(),
+                model_sha256(model_id),
             }
             if exact and wanted in names:
                 return model_id

@@ -16,7 +16,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from api.images import INFOTEXT_SAMPLERS, model_hash, parameters_text
+from api.images import INFOTEXT_SAMPLERS, model_hash, model_sha256, parameters_text
 from api.models import Generation, Status
 from api.selectors import generation_active, generation_preview, model_catalog
 from api.services import jobs
@@ -152,11 +152,9 @@ class Img2ImgView(GenerateView):
 
 def _options(model_id: str) -> dict[str, Any]:
     """The settings A1111 clients read, shaped like A1111's; only the checkpoint is per caller."""
-    import hashlib
-
     return {
         "sd_model_checkpoint": title_of(model_id),
-        "sd_checkpoint_hash": hashlib.sha256(model_id.encode()).hexdigest(),
+        "sd_checkpoint_hash": model_sha256(model_id),
         "sd_checkpoints_limit": 1,
         "sd_checkpoints_keep_in_cpu": True,
         "sd_vae": "Automatic",
@@ -238,15 +236,13 @@ class OptionsView(A1111View):
 
 class SdModelsView(A1111View):
     def get(self, request: Request) -> Response:
-        import hashlib
-
         # ``filename`` is the catalogue id, never a path on this server.
         rows = [
             {
                 "title": title_of(model_id),
                 "model_name": model_id,
                 "hash": model_hash(model_id),
-                "sha256": hashlib.sha256(model_id.encode()).hexdigest(),
+                "sha256": model_sha256(model_id),
                 "filename": model_id,
                 "config": None,
             }
