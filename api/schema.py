@@ -175,6 +175,13 @@ class ParamsDocSerializer(serializers.Serializer):
     scheduler = serializers.CharField(allow_null=True)
     strength = serializers.FloatField(allow_null=True, help_text="img2img and inpaint only.")
     mask_blur = serializers.IntegerField(allow_null=True, help_text="inpaint only.")
+    loras = serializers.ListField(
+        child=serializers.DictField(), help_text="The LoRAs applied: name, weight, and the sha256 of the file."
+    )
+    versions = serializers.DictField(
+        child=serializers.CharField(), required=False, help_text="Library versions that shaped the image."
+    )
+    prompt_tokens = serializers.IntegerField(required=False, help_text="CLIP tokens of the prompt, once finished.")
 
     class Meta:
         ref_name = "GenerationParams"
@@ -356,6 +363,31 @@ INPAINT_EXAMPLES = [
 
 
 # --- the other endpoints ------------------------------------------------------------------------
+
+
+class LoraDocSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The key a request names it by (the file name without .safetensors).")
+    family = serializers.ChoiceField(
+        choices=["sd15", "sd2", "sdxl"], allow_null=True, help_text="Detected from its keys; null when they don't say."
+    )
+    key_format = serializers.ChoiceField(choices=["kohya", "diffusers", "peft"])
+    size = serializers.IntegerField(help_text="Bytes.")
+    sha256 = serializers.CharField()
+    trigger_words = serializers.ListField(child=serializers.CharField())
+
+    class Meta:
+        ref_name = "Lora"
+
+
+class EmbeddingDocSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The token a prompt uses it by.")
+    family = serializers.ChoiceField(choices=["sd15", "sd2", "sdxl"], allow_null=True)
+    vectors = serializers.IntegerField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+
+    class Meta:
+        ref_name = "Embedding"
 
 
 class ModelDocSerializer(serializers.Serializer):

@@ -12,6 +12,22 @@ from backend.manager import ModelManager
 from .models import ACTIVE, ApiKey, Generation, Status
 
 
+def lora_catalog() -> dict[str, Any]:
+    """The LoRAs in LORA_DIR by name, scanned now: new files appear without a restart."""
+    from backend.loras import scan_loras
+
+    config = ModelManager.instance().config
+    return scan_loras(config.base_dir / config.lora_dir)
+
+
+def embedding_catalog() -> dict[str, Any]:
+    """The textual-inversion embeddings in EMBEDDINGS_DIR by name (their prompt tokens)."""
+    from backend.embeddings import scan_embeddings
+
+    config = ModelManager.instance().config
+    return scan_embeddings(config.base_dir / config.embeddings_dir)
+
+
 def model_catalog() -> dict[str, ModelSpec]:
     # The manager's catalogue is loaded once per process; reading it imports no torch.
     return ModelManager.instance().catalog

@@ -12,7 +12,7 @@ from PIL import Image
 from rest_framework import serializers
 
 from backend.catalog import ModelSpec
-from backend.params import SEED_MAX, GenerationParams, random_seed
+from backend.params import SEED_MAX, GenerationParams, LoraRef, random_seed
 from backend.schedulers import SCHEDULER_NAMES
 
 from .images import ImageInputError, decode_base64_image, open_image
@@ -77,6 +77,11 @@ class ImageInputField(serializers.Field):
         return None
 
 
+class LoraRequestSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    weight = FiniteFloatField(required=False, default=1.0)
+
+
 class Txt2ImgRequestSerializer(serializers.Serializer):
     kind = "txt2img"
 
@@ -91,6 +96,7 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
     num_images = StrictIntegerField(required=False, default=1)
     scheduler = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     response_format = serializers.ChoiceField(choices=["url", "b64_json"], required=False, default="url")
+    loras = serializers.ListField(child=LoraRequestSerializer(), required=False, default=list, max_length=64)
 
     def get_fields(self) -> dict[str, serializers.Field]:
         fields = super().get_fields()
@@ -219,10 +225,11 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
             )
         seed = attrs.get("seed")
         guidance = attrs.get("guidance_scale")
+        prompt, loras = resolve_loras(attrs["prompt"], attrs.get("loras") or [], spec)
         attrs["resolved"] = GenerationParams(
             kind=self.kind,
             model_id=model_id,
-            prompt=attrs["prompt"],
+            prompt=prompt,
             negative_prompt=attrs.get("negative_prompt", ""),
             width=width,
             height=height,
@@ -233,8 +240,65 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
             scheduler=attrs.get("scheduler"),
             strength=attrs.get("strength"),
             mask_blur=attrs.get("mask_blur"),
+            loras=loras,
         )
         return attrs
+
+
+def resolve_loras(prompt: str, requested: list[dict[str, Any]], spec: ModelSpec) -> tuple[str, tuple[LoraRef, ...]]:
+    """The ``loras`` field and the prompt's ``<lora:name:weight>`` tags (removed from the text)
+    as one checked list: known names only (a name is a key of LORA_DIR's listing, never a
+    path), bounded weights, at most MAX_LORAS, and made for the model's family."""
+    from backend.loras import lora_incompatibility
+    from backend.prompts import PromptSyntaxError, extract_lora_tags
+
+    from .selectors import lora_catalog
+
+    try:
+        prompt, tags = extract_lora_tags(prompt)
+    except PromptSyntaxError as exc:
+        raise serializers.ValidationError({"prompt": [str(exc)]}) from None
+    if not prompt.strip():
+        raise serializers.ValidationError({"prompt": ["prompt must not be blank once its <lora:...> tags are removed"]})
+    wanted = [(item["name"], item["weight"]) for item in requested] + tags
+    lim = limits()
+    if len(wanted) > lim["MAX_LORAS"]:
+        raise serializers.ValidationError(
+            {
+                "loras": [
+                    f"at most {lim['MAX_LORAS']} LoRAs per request (the loras field and <lora:> tags together), got {len(wanted)}"
+                ]
+            }
+        )
+    if wanted:
+        from backend.router import current_mode
+
+        if current_mode() == "remote":
+            raise serializers.ValidationError(
+                {
+                    "loras": [
+                        "LoRAs run on local models only (USE_LOCAL_MODELS=false sends work to the Hugging Face Inference API)"
+                    ]
+                }
+            )
+    available = lora_catalog() if wanted else {}
+    refs: dict[str, LoraRef] = {}
+    for name, weight in wanted:
+        lo, hi = lim["MIN_LORA_WEIGHT"], lim["MAX_LORA_WEIGHT"]
+        if not lo <= weight <= hi:
+            raise serializers.ValidationError(
+                {"loras": [f"the weight of LoRA {name[:100]!r} must be between {lo} and {hi}, got {weight}"]}
+            )
+        lora = available.get(name)
+        if lora is None:
+            names = ", ".join(sorted(available)[:50]) or "none (LORA_DIR is empty)"
+            raise serializers.ValidationError({"loras": [f"unknown LoRA {name[:100]!r}; available: {names}"]})
+        problem = lora_incompatibility(lora, family=spec.family, cross_attention_dim=None)
+        if problem:
+            raise serializers.ValidationError({"loras": [f"{problem} (model {spec.id!r} is {spec.family})"]})
+        # The same LoRA twice (field and tag): the last weight wins, as A1111 does.
+        refs[name] = LoraRef(name=name, weight=float(weight), sha256=lora.sha256)
+    return prompt, tuple(refs.values())
 
 
 class Img2ImgRequestSerializer(Txt2ImgRequestSerializer):

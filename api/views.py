@@ -24,14 +24,16 @@ from .schema import (
     INPAINT_EXAMPLES,
     PAGE_ERRORS,
     TXT2IMG_EXAMPLES,
+    EmbeddingDocSerializer,
     HealthDocSerializer,
     Img2ImgUploadRequestSerializer,
     InpaintUploadRequestSerializer,
+    LoraDocSerializer,
     ModelDocSerializer,
     StatusDocSerializer,
     error_responses,
 )
-from .selectors import generation_get, generation_list
+from .selectors import embedding_catalog, generation_get, generation_list, lora_catalog
 from .serializers import (
     GenerationSerializer,
     Img2ImgRequestSerializer,
@@ -208,6 +210,22 @@ class ModelsView(APIView):
     @extend_schema(responses={200: ModelDocSerializer(many=True), **error_responses(401, 429)})
     def get(self, request: Request) -> Response:
         return Response(system.models_overview())
+
+
+class LorasView(APIView):
+    """The LoRAs in LORA_DIR (only ``*.safetensors``), scanned at each request."""
+
+    @extend_schema(responses={200: LoraDocSerializer(many=True), **error_responses(401, 429)})
+    def get(self, request: Request) -> Response:
+        return Response([lora.public_dict() for _, lora in sorted(lora_catalog().items())])
+
+
+class EmbeddingsView(APIView):
+    """The textual-inversion embeddings in EMBEDDINGS_DIR; a prompt uses one by its name."""
+
+    @extend_schema(responses={200: EmbeddingDocSerializer(many=True), **error_responses(401, 429)})
+    def get(self, request: Request) -> Response:
+        return Response([emb.public_dict() for _, emb in sorted(embedding_catalog().items())])
 
 
 class StatusView(APIView):

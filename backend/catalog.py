@@ -7,14 +7,17 @@ can only come from an operator's catalogue file, never from a request.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("backend.catalog")
+
 FAMILIES = ("sd15", "sd2", "sdxl")
-SOURCES = ("hub", "local", "builtin")
+SOURCES = ("hub", "local", "builtin", "single_file")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -35,9 +38,9 @@ class ModelSpec:
     name: str
     family: str
     default_size: int
-    source: str = "hub"  # hub | local | builtin
+    source: str = "hub"  # hub | local | builtin | single_file
     repo: str | None = None  # hub repository, for source=hub
-    path: str | None = None  # diffusers folder, for source=local
+    path: str | None = None  # diffusers folder (local) or .safetensors file (single_file)
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16": asked for when the model runs in fp16
     prediction_type: str | None = None  # "v_prediction" for SD2-768
@@ -45,12 +48,15 @@ class ModelSpec:
     default_guidance_scale: float = 7.5
     description: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # single_file only: a diffusers folder whose component configs describe the checkpoint's
+    # architecture; None means the family's shipped configs (backend/model_configs/).
+    config: str | None = None
 
     @property
     def location(self) -> str:
         if self.source == "hub":
             return f"hf://{self.repo}"
-        if self.source == "local":
+        if self.source in ("local", "single_file"):
             return f"file://{self.path}"
         return "builtin://" + self.id
 
@@ -62,9 +68,10 @@ class ModelSpec:
     def public_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tags"] = list(self.tags)
-        # A local folder is operator configuration, not something to publish.
+        # Local files and folders are operator configuration, not something to publish.
         data.pop("path", None)
-        data["location"] = self.location if self.source != "local" else "local"
+        data.pop("config", None)
+        data["location"] = "local" if self.source in ("local", "single_file") else self.location
         data["pipelines"] = self.pipelines
         return data
 
@@ -161,8 +168,10 @@ _STR_FIELDS = (
     "variant",
     "prediction_type",
     "description",
+    "config",
 )
 _BUILTIN_IDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
+_REQUIRED = {"id", "family", "default_size"}  # of an entry that adds a model
 
 
 class CatalogError(ValueError):
@@ -189,7 +198,8 @@ def spec_from_dict(data: dict[str, Any], *, base: ModelSpec | None = None, where
                 f"{where}: give either 'repo' (hub) or 'path' (local folder), or say which with 'source'"
             )
         if values.get("path"):
-            values["source"] = "local"
+            is_file = values["path"].lower().endswith(".safetensors")
+            values["source"] = "single_file" if is_file else "local"
         elif values.get("repo"):
             values["source"] = "hub"
     if base is not None:
@@ -197,10 +207,12 @@ def spec_from_dict(data: dict[str, Any], *, base: ModelSpec | None = None, where
         # A model moved to another source forgets the old one's location.
         if spec.source != "hub" and "repo" not in values:
             spec = replace(spec, repo=None, revision=None)
-        if spec.source != "local" and "path" not in values:
+        if spec.source not in ("local", "single_file") and "path" not in values:
             spec = replace(spec, path=None)
+        if spec.source != "single_file" and "config" not in values:
+            spec = replace(spec, config=None)
     else:
-        missing = {"id", "family", "default_size"} - set(values)
+        missing = _REQUIRED - set(values)
         if missing:
             raise CatalogError(f"{where}: missing field(s) {sorted(missing)}")
         values.setdefault("name", values["id"])
@@ -221,6 +233,11 @@ def _check_spec(spec: ModelSpec, where: str) -> None:
         raise CatalogError(f"{where}: a hub model needs 'repo' as owner/name, got {spec.repo!r}")
     if spec.source == "local" and not spec.path:
         raise CatalogError(f"{where}: a local model needs 'path', a diffusers folder (with model_index.json)")
+    if spec.source == "single_file" and not (spec.path and spec.path.lower().endswith(".safetensors")):
+        # Only safetensors: .ckpt/.pt/.bin checkpoints are pickles, and unpickling runs code.
+        raise CatalogError(f"{where}: a single_file model needs 'path', a .safetensors file, got {spec.path!r}")
+    if spec.config is not None and spec.source != "single_file":
+        raise CatalogError(f"{where}: 'config' is only for single_file models (source is {spec.source!r})")
     if spec.source == "builtin" and spec.id not in _BUILTIN_IDS:
         raise CatalogError(f"{where}: builtin models are only {', '.join(_BUILTIN_IDS)}, got {spec.id!r}")
     if spec.variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", spec.variant):
@@ -243,15 +260,29 @@ def _check_spec(spec: ModelSpec, where: str) -> None:
         raise CatalogError(f"{where}: default_guidance_scale must be a number in [0, 50], got {guidance!r}")
 
 
-def load_catalog(catalog_file: str | os.PathLike[str] | None = None) -> dict[str, ModelSpec]:
-    """The built-in catalogue, with an operator's JSON file applied on top.
+def load_catalog(
+    catalog_file: str | os.PathLike[str] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, ModelSpec]:
+    """The built-in catalogue, plus the checkpoints in ``checkpoint_dir``, with an operator's
+    JSON file applied on top.
 
     The file holds a list of entries (or ``{"models": [...]}``). An entry whose id exists
-    overrides only the fields it gives; a new id adds a model; ``{"id": "...", "remove": true}``
-    drops one. An entry with ``path`` is a local diffusers folder (relative to the file),
-    one with ``repo`` a hub repository.
+    overrides only the fields it gives (a checkpoint's too, by the id its file name gives);
+    a new id adds a model; ``{"id": "...", "remove": true}`` drops one. An entry with
+    ``path`` is a local diffusers folder or, ending in ``.safetensors``, a single-file
+    checkpoint; one with ``repo`` a hub repository. Paths are relative to the file.
     """
     catalog = {spec.id: spec for spec in DEFAULT_CATALOG}
+    if checkpoint_dir:
+        from .single_file import scan_checkpoints
+
+        for spec in scan_checkpoints(checkpoint_dir):
+            if spec.id in catalog:
+                # A file must not silently replace a catalogue model (or a test model).
+                log.warning("checkpoint %s: id %r is a catalogue model's; rename the file", spec.path, spec.id)
+                continue
+            catalog[spec.id] = spec
     if not catalog_file:
         return catalog
     path = Path(catalog_file).expanduser()
@@ -272,13 +303,19 @@ def load_catalog(catalog_file: str | os.PathLike[str] | None = None) -> dict[str
         remove = entry.pop("remove", False)
         if not isinstance(remove, bool):
             raise CatalogError(f"{where}: remove must be true or false, got {remove!r}")
+        if entry["id"] not in catalog and checkpoint_dir and (remove or not _REQUIRED <= set(entry)):
+            # Most likely it speaks of a checkpoint whose file isn't (or is no longer) in the
+            # folder: files come and go while the server runs, so that is no error.
+            log.warning("%s: no such model (is its checkpoint file in %s?); entry ignored", where, checkpoint_dir)
+            continue
         if remove:
             if entry["id"] not in catalog:
                 raise CatalogError(f"{where}: can't remove a model that isn't in the catalogue")
             del catalog[entry["id"]]
             continue
-        if isinstance(entry.get("path"), str) and entry["path"]:
-            # Relative local folders are relative to the catalogue file, not the cwd.
-            entry["path"] = str((path.parent / Path(entry["path"]).expanduser()).resolve())
+        for key in ("path", "config"):
+            if isinstance(entry.get(key), str) and entry[key]:
+                # Relative local files and folders are relative to the catalogue file, not the cwd.
+                entry[key] = str((path.parent / Path(entry[key]).expanduser()).resolve())
         catalog[entry["id"]] = spec_from_dict(entry, base=catalog.get(entry["id"]), where=where)
     return catalog

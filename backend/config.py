@@ -119,6 +119,15 @@ class EngineConfig:
     max_loaded_models: int = 1
     model_catalog_file: str = ""
     tiny_models_dir: Path = field(default_factory=lambda: Path(".cache/tiny-models"))
+    # Single-file checkpoints (*.safetensors, original layout), listed as catalogue models.
+    checkpoint_dir: Path = field(default_factory=lambda: Path("models/checkpoints"))
+    # LoRAs and textual-inversion embeddings (*.safetensors only), scanned when read.
+    lora_dir: Path = field(default_factory=lambda: Path("models/loras"))
+    embeddings_dir: Path = field(default_factory=lambda: Path("models/embeddings"))
+    # LoRA adapters kept loaded per model (least recently used evicted first).
+    max_loaded_loras: int = 8
+    # CLIP tokens one prompt may have; prompts are encoded in 75-token chunks, never truncated.
+    max_prompt_tokens: int = 600
     local_files_only: bool = False
     enable_safety_checker: bool = False
     hf_token: str = field(default="", repr=False)
@@ -140,6 +149,9 @@ class EngineConfig:
         env = os.environ if env is None else env
         base = Path(base_dir or env.get("BASE_DIR") or Path(__file__).resolve().parent.parent)
         tiny_dir = base / (env.get("TINY_MODELS_DIR") or ".cache/tiny-models")
+        checkpoint_dir = base / Path(env.get("CHECKPOINT_DIR", "").strip() or "models/checkpoints").expanduser()
+        lora_dir = base / Path(env.get("LORA_DIR", "").strip() or "models/loras").expanduser()
+        embeddings_dir = base / Path(env.get("EMBEDDINGS_DIR", "").strip() or "models/embeddings").expanduser()
         device = env.get("DEVICE", "").strip().lower()
         try:
             parse_device(device)
@@ -157,6 +169,11 @@ class EngineConfig:
             max_loaded_models=env_int(env, "MAX_LOADED_MODELS", 1, minimum=1, maximum=64),
             model_catalog_file=env.get("MODEL_CATALOG_FILE", "").strip(),
             tiny_models_dir=tiny_dir,
+            checkpoint_dir=checkpoint_dir,
+            lora_dir=lora_dir,
+            embeddings_dir=embeddings_dir,
+            max_loaded_loras=env_int(env, "MAX_LOADED_LORAS", 8, minimum=1, maximum=256),
+            max_prompt_tokens=env_int(env, "MAX_PROMPT_TOKENS", 600, minimum=75, maximum=100_000),
             local_files_only=env_bool(env, "HF_HUB_OFFLINE", False),
             enable_safety_checker=env_bool(env, "ENABLE_SAFETY_CHECKER", False),
             hf_token=env.get("HF_TOKEN", "").strip(),

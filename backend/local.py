@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any
 
+from .embeddings import EmbeddingLoader, EmbeddingLoadError, embeddings_in, scan_embeddings
 from .errors import GenerationCancelled, GenerationFailed, InvalidParams, OutOfMemory
+from .loras import AdapterCache, LoraLoadError, lora_incompatibility, scan_loras
 from .manager import ModelManager, get_manager
 from .params import CancelFn, GeneratedImage, GenerationOutput, GenerationParams, PreviewFn, ProgressFn
 from .preview import latents_to_rgb
+from .prompts import PromptEncoding, PromptSyntaxError, encode
+from .provenance import library_versions, model_provenance
 from .schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger("backend.local")
@@ -70,7 +75,10 @@ class LocalBackend:
             make_scheduler(params.scheduler, model.base_scheduler_config) if params.scheduler else model.base_scheduler
         )
 
-        warnings = _truncation_warnings(pipe, params)
+        warnings: list[str] = []
+        provenance = self._prepare_weights(model, pipe, params, warnings)
+        encoding = self._encode_prompts(model, pipe, params)
+        provenance.update(prompt_tokens=encoding.prompt_tokens, negative_prompt_tokens=encoding.negative_prompt_tokens)
 
         seeds = params.seeds
         # CPU generators: the same seed gives the same starting noise on any device.
@@ -101,8 +109,9 @@ class LocalBackend:
             raise GenerationCancelled("cancelled before start")
 
         call: dict[str, Any] = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt or None,
+            # A plain prompt within the window goes in as text, exactly as it always has, so
+            # existing seeds reproduce; anything else as compel's chunked, weighted embeddings.
+            **(encoding.kwargs or {"prompt": params.prompt, "negative_prompt": params.negative_prompt or None}),
             "num_inference_steps": params.steps,
             "guidance_scale": params.guidance_scale,
             "num_images_per_prompt": params.num_images,
@@ -141,7 +150,85 @@ class LocalBackend:
         if params.kind == "inpaint":
             outputs = [paste_back(img, init, mask, params.mask_blur or 0) for img in outputs]
         images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(outputs, seeds, strict=True)]
-        return GenerationOutput(images=images, backend=self.name, timings=timings, warnings=warnings)
+        return GenerationOutput(
+            images=images, backend=self.name, timings=timings, warnings=warnings, provenance=provenance
+        )
+
+    # -- what shapes the weights and the prompt -------------------------------------------------
+    def _prepare_weights(self, model: Any, pipe: Any, params: GenerationParams, warnings: list[str]) -> dict[str, Any]:
+        """Activate exactly the request's LoRAs (none: the LoRA-free model) and load the
+        embeddings its prompts name; returns what ran, for the record."""
+        config = self.manager.config
+        family = model.spec.family
+        available = scan_loras(config.base_dir / config.lora_dir) if params.loras else {}
+        chosen = []
+        applied = []
+        for ref in params.loras:
+            lora = available.get(ref.name)
+            if lora is None:
+                raise InvalidParams(f"LoRA {ref.name!r} is no longer in LORA_DIR")
+            problem = lora_incompatibility(lora, family=family, cross_attention_dim=_cross_attention_dim(pipe))
+            if problem:
+                raise InvalidParams(f"{problem} (model {model.spec.id!r} is {family})")
+            if ref.sha256 and ref.sha256 != lora.sha256:
+                warnings.append(f"LoRA {ref.name!r} changed on disk after the request was accepted; the new file ran")
+            chosen.append((lora, ref.weight))
+            applied.append({"name": lora.name, "weight": ref.weight, "sha256": lora.sha256})
+        try:
+            _adapters(model, config.max_loaded_loras).apply(pipe, chosen)
+        except LoraLoadError as exc:
+            raise InvalidParams(str(exc)) from exc
+        used = []
+        text = f"{params.prompt}\n{params.negative_prompt}"
+        embeddings = embeddings_in(text, scan_embeddings(config.base_dir / config.embeddings_dir))
+        if embeddings:
+            try:
+                _embeddings(model).ensure(pipe, family, embeddings)
+            except EmbeddingLoadError as exc:
+                raise InvalidParams(str(exc)) from exc
+            used = [{"name": e.name, "sha256": e.sha256} for e in embeddings]
+        return {
+            "versions": library_versions(),
+            **model_provenance(model.spec),
+            "loras": applied,
+            **({"embeddings": used} if used else {}),
+        }
+
+    def _encode_prompts(self, model: Any, pipe: Any, params: GenerationParams) -> PromptEncoding:
+        cap = self.manager.config.max_prompt_tokens
+        try:
+            encoding = encode(pipe, model.spec.family, params.prompt, params.negative_prompt)
+        except PromptSyntaxError as exc:
+            raise InvalidParams(str(exc)) from exc
+        for name, count in (("prompt", encoding.prompt_tokens), ("negative_prompt", encoding.negative_prompt_tokens)):
+            if count > cap:
+                raise InvalidParams(f"{name} must be at most {cap} tokens (MAX_PROMPT_TOKENS), got {count}")
+        return encoding
+
+
+# Per loaded model: its LoRA adapters and embeddings live in its (shared) modules, so they are
+# kept beside it and go with it when it is unloaded. One job runs at a time per model.
+_adapter_caches: weakref.WeakKeyDictionary[Any, AdapterCache] = weakref.WeakKeyDictionary()
+_embedding_loaders: weakref.WeakKeyDictionary[Any, EmbeddingLoader] = weakref.WeakKeyDictionary()
+
+
+def _adapters(model: Any, max_adapters: int) -> AdapterCache:
+    cache = _adapter_caches.get(model)
+    if cache is None:
+        cache = _adapter_caches[model] = AdapterCache(max_adapters)
+    return cache
+
+
+def _embeddings(model: Any) -> EmbeddingLoader:
+    loader = _embedding_loaders.get(model)
+    if loader is None:
+        loader = _embedding_loaders[model] = EmbeddingLoader()
+    return loader
+
+
+def _cross_attention_dim(pipe: Any) -> int | None:
+    value = getattr(getattr(pipe, "unet", None), "config", {}).get("cross_attention_dim")
+    return int(value) if isinstance(value, int) else None
 
 
 def _prepare_mask(mask_image: Any, size: tuple[int, int]) -> Any:
@@ -164,22 +251,3 @@ def paste_back(generated: Any, original: Any, mask: Any, blur: int) -> Any:
         generated = generated.resize(original.size)
     alpha = mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
     return Image.composite(generated.convert("RGB"), original, alpha)
-
-
-def _truncation_warnings(pipe: Any, params: GenerationParams) -> list[str]:
-    """CLIP reads a fixed token window; say so when a prompt runs past it (it is truncated)."""
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return []
-    window = int(getattr(tokenizer, "model_max_length", 77))
-    out = []
-    for field, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
-        if not text:
-            continue
-        count = len(tokenizer(text, truncation=False).input_ids)
-        if count > window:
-            out.append(
-                f"{field} is {count} tokens long; the text encoder reads {window} (including start/end), "
-                "so the rest was ignored"
-            )
-    return out

@@ -6,6 +6,9 @@ load side by side (the memory peak of a load is the largest there is). At most
 ``MAX_LOADED_MODELS`` stay loaded, least recently used evicted first. txt2img and img2img
 of one model share their weights through ``from_pipe``.
 
+Single-file checkpoints (``*.safetensors`` in ``CHECKPOINT_DIR``) are listed as they come:
+a file dropped into the folder is a model at the next look at the catalogue, no restart.
+
 Hub models download into the standard Hugging Face cache (``HF_HOME``) on first use. When
 the hub can't be reached, a model already in the cache loads from it; one that isn't gives
 ``ModelUnavailable`` saying the model isn't available offline.
@@ -18,12 +21,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
-from .catalog import FAMILY_PIPELINES, ModelSpec, load_catalog
+from .catalog import FAMILY_PIPELINES, CatalogError, ModelSpec, load_catalog
 from .config import EngineConfig, get_config
 from .devices import DevicePlan, plan_device, torch_dtype
 from .errors import ModelUnavailable, UnknownModel
+from .single_file import CheckpointError, detect_checkpoint, family_config_dir, folder_signature
 
 log = logging.getLogger("backend.manager")
 
@@ -234,7 +239,10 @@ class ModelManager:
 
     def __init__(self, config: EngineConfig | None = None, *, plan: DevicePlan | None = None) -> None:
         self.config = config or get_config()
-        self.catalog: dict[str, ModelSpec] = load_catalog(self.config.model_catalog_file or None)
+        self._checkpoint_dir = self.config.base_dir / self.config.checkpoint_dir
+        self._checkpoint_signature = folder_signature(self._checkpoint_dir)
+        self.catalog: dict[str, ModelSpec] = load_catalog(self.config.model_catalog_file or None, self._checkpoint_dir)
+        self._catalog_lock = threading.Lock()  # one rescan at a time
         self._lock = threading.Lock()  # guards _loaded and load_count
         self._load_lock = threading.Lock()  # one load at a time
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -258,8 +266,40 @@ class ModelManager:
             cls._instance = None
 
     # -- catalogue ---------------------------------------------------------------------
+    def refresh_catalog(self) -> bool:
+        """Rescan the checkpoint folder if its files changed; True when the catalogue changed.
+
+        Cheap when nothing changed (a directory walk and a stat per file), so ``spec()`` and
+        ``available()`` call it every time. The operator's catalogue file is applied again on
+        top. A checkpoint whose file went away stays listed while it is loaded.
+        """
+        signature = folder_signature(self._checkpoint_dir)
+        if signature == self._checkpoint_signature:
+            return False
+        with self._catalog_lock:
+            if signature == self._checkpoint_signature:
+                return False
+            try:
+                catalog = load_catalog(self.config.model_catalog_file or None, self._checkpoint_dir)
+            except CatalogError as exc:
+                # The file was valid at start-up; an edit since must not take the server down.
+                log.warning("checkpoint folder changed, but the catalogue can't be rebuilt (%s); keeping it", exc)
+                self._checkpoint_signature = signature
+                return False
+            with self._lock:
+                for model_id, model in self._loaded.items():
+                    catalog.setdefault(model_id, model.spec)
+            added = sorted(set(catalog) - set(self.catalog))
+            removed = sorted(set(self.catalog) - set(catalog))
+            self.catalog = catalog
+            self._checkpoint_signature = signature
+            if added or removed:
+                log.info("checkpoint folder changed: added %s, removed %s", added or "none", removed or "none")
+            return True
+
     def spec(self, model_id: str) -> ModelSpec:
         # Only ever a key: an id that isn't in the catalogue is refused, never tried as a path.
+        self.refresh_catalog()
         spec = self.catalog.get(model_id) if isinstance(model_id, str) else None
         if spec is None:
             raise UnknownModel(
@@ -268,6 +308,7 @@ class ModelManager:
         return spec
 
     def available(self) -> list[ModelSpec]:
+        self.refresh_catalog()
         return list(self.catalog.values())
 
     def loaded_ids(self) -> list[str]:
@@ -376,9 +417,12 @@ class ModelManager:
         plan = self.device_plan()
         cls = getattr(diffusers, FAMILY_PIPELINES[spec.family][0])
         started = time.perf_counter()
-        source = self._source(spec)
         log.info("loading model %s from %s on %s (%s)", spec.id, spec.location, plan.device, plan.dtype)
-        pipe, variant = self._from_pretrained(cls, source, spec, load_attempts(spec, plan, self.config))
+        if spec.source == "single_file":
+            pipe, variant = self._from_single_file(cls, spec, plan), None
+        else:
+            source = self._source(spec)
+            pipe, variant = self._from_pretrained(cls, source, spec, load_attempts(spec, plan, self.config))
         try:
             apply_family_fixes(pipe, spec, plan)
             apply_plan(pipe, plan)
@@ -390,6 +434,51 @@ class ModelManager:
         seconds = time.perf_counter() - started
         log.info("loaded model %s in %.2fs (%s weights)", spec.id, seconds, variant or "default")
         return LoadedModel(spec=spec, pipe=pipe, plan=plan, load_seconds=seconds, variant=variant)
+
+    def config_cache_dir(self) -> Path:
+        """Where the shipped component configs are materialised (beside the tiny models)."""
+        return Path(self.config.tiny_models_dir).parent / "model-configs"
+
+    def single_file_kwargs(self, spec: ModelSpec, plan: DevicePlan) -> dict[str, Any]:
+        """The ``from_single_file`` keyword arguments of a single-file checkpoint.
+
+        Its architecture comes from ``spec.config`` when the catalogue names a folder, else
+        from the family's shipped configs; either way nothing is fetched from the hub.
+        """
+        path = Path(str(spec.path))
+        try:
+            info = detect_checkpoint(path)
+        except CheckpointError as exc:
+            # The reason may name the path: it goes to the log, not to the caller.
+            log.warning("model %s: checkpoint %s can't be read: %s", spec.id, path, exc)
+            raise ModelUnavailable(f"model {spec.id!r}: its checkpoint file can't be read") from exc
+        if info is None:
+            raise ModelUnavailable(f"model {spec.id!r}: its file is not a Stable Diffusion checkpoint")
+        if spec.family in ("sd15", "sd2") and self.config.enable_safety_checker:
+            # A checkpoint file never carries the safety checker; running without it while the
+            # operator asked for it would be a silent policy change.
+            raise ModelUnavailable(
+                f"model {spec.id!r} is a single-file checkpoint, which has no safety checker, and "
+                "ENABLE_SAFETY_CHECKER is on; turn it off to use checkpoints",
+                code="model_unavailable",
+            )
+        config = spec.config or str(
+            family_config_dir(spec.family, self.config_cache_dir(), in_channels=info.in_channels)
+        )
+        kwargs: dict[str, Any] = {"config": config, "local_files_only": True, "dtype": torch_dtype(plan.dtype)}
+        if spec.family in ("sd15", "sd2"):
+            kwargs["safety_checker"] = None
+            kwargs["requires_safety_checker"] = False
+        return kwargs
+
+    def _from_single_file(self, cls: Any, spec: ModelSpec, plan: DevicePlan) -> Any:
+        kwargs = self.single_file_kwargs(spec, plan)
+        try:
+            return cls.from_single_file(str(spec.path), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes ModelUnavailable
+            error, _ = self._unavailable(spec, exc)
+            log.warning("model %s could not be loaded from its checkpoint file", spec.id, exc_info=exc)
+            raise error from exc
 
     def _from_pretrained(
         self, cls: Any, source: str, spec: ModelSpec, attempts: list[dict[str, Any]]
@@ -445,7 +534,9 @@ class ModelManager:
 
         chain = _chain(exc)
         if spec.source != "hub":
-            what = "its local folder" if spec.source == "local" else "the files built for it"
+            what = {"local": "its local folder", "single_file": "its checkpoint file"}.get(
+                spec.source, "the files built for it"
+            )
             message = f"model {spec.id!r} could not be loaded from {what} ({type(exc).__name__}); the server log has the details"
             return ModelUnavailable(message), False
         status = next(

@@ -27,6 +27,16 @@ def image_seeds(seed: int, count: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA a generation applies: its name in LORA_DIR, its weight, and the sha256 of the
+    file it was checked against (so a changed file is noticed and the result can be remade)."""
+
+    name: str
+    weight: float = 1.0
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Resolved parameters: every default already filled in, names as diffusers' ``__call__``."""
 
@@ -43,6 +53,7 @@ class GenerationParams:
     scheduler: str | None = None
     strength: float | None = None  # img2img and inpaint
     mask_blur: int | None = None  # inpaint: blur radius (px) of the mask's edge when the result is pasted back
+    loras: tuple[LoraRef, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +61,11 @@ class GenerationParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["loras"] = tuple(
+            ref if isinstance(ref, LoraRef) else LoraRef(**ref) for ref in values.get("loras") or ()
+        )
+        return cls(**values)
 
     @property
     def seeds(self) -> list[int]:
@@ -69,3 +84,7 @@ class GenerationOutput:
     backend: str  # "local" | "remote"
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # What shaped the images beyond the parameters (library versions, the weights' hashes,
+    # token counts): recorded with the generation so it can be made again and a changed
+    # file noticed.
+    provenance: dict[str, Any] = field(default_factory=dict)

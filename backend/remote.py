@@ -193,6 +193,8 @@ class RemoteBackend:
     ) -> GenerationOutput:
         from huggingface_hub import constants
 
+        if params.loras:
+            raise InvalidParams("LoRAs run on local models only: the Hugging Face Inference API takes no adapter files")
         if params.kind == "inpaint":
             # The Inference API's tasks have no mask input; previews don't exist remotely either.
             raise InvalidParams(

@@ -202,6 +202,9 @@ GENERATION_LIMITS = {
     "MIN_GUIDANCE": _wrap(env_float, env, "MIN_GUIDANCE_SCALE", 0.0),
     "MAX_GUIDANCE": _wrap(env_float, env, "MAX_GUIDANCE_SCALE", 30.0),
     "MAX_PROMPT_CHARS": _wrap(env_int, env, "MAX_PROMPT_CHARS", 2000, minimum=1),
+    "MAX_LORAS": _wrap(env_int, env, "MAX_LORAS", 5, minimum=0, maximum=32),
+    "MIN_LORA_WEIGHT": _wrap(env_float, env, "MIN_LORA_WEIGHT", -2.0),
+    "MAX_LORA_WEIGHT": _wrap(env_float, env, "MAX_LORA_WEIGHT", 2.0),
     "MAX_UPLOAD_BYTES": _wrap(env_int, env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024),
     "MAX_UPLOAD_PIXELS": _wrap(env_int, env, "MAX_UPLOAD_PIXELS", 4096 * 4096, minimum=64 * 64),
     # pixels x images x steps: one request can't hold the GPU for hours.
@@ -224,7 +227,7 @@ except ConfigError as exc:
 from backend.catalog import CatalogError, load_catalog  # noqa: E402
 
 try:
-    _CATALOG = load_catalog(ENGINE.model_catalog_file or None)
+    _CATALOG = load_catalog(ENGINE.model_catalog_file or None, ENGINE.checkpoint_dir)
 except CatalogError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 

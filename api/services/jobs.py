@@ -452,6 +452,7 @@ def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lea
             backend=output.backend,
             timings=timings,
             warnings=output.warnings,
+            params={**generation.params, **output.provenance},
             progress={"step": params.steps, "total_steps": params.steps, "fraction": 1.0},
             error=None,
         )

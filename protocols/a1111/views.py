@@ -18,7 +18,7 @@ from rest_framework.response import Response
 
 from api.images import INFOTEXT_SAMPLERS, model_hash, model_sha256, parameters_text
 from api.models import Generation, Status
-from api.selectors import generation_active, generation_preview, model_catalog
+from api.selectors import embedding_catalog, generation_active, generation_preview, lora_catalog, model_catalog
 from api.services import jobs
 from api.services.requests import RequestInvalid, image_decode
 
@@ -253,7 +253,7 @@ class SdModelsView(A1111View):
 
 class RefreshCheckpointsView(A1111View):
     def post(self, request: Request) -> HttpResponse:
-        # The catalogue is read at start-up; there is nothing to rescan.
+        # The folders (checkpoints, LoRAs, embeddings) are rescanned whenever they are read.
         return json_null()
 
 
@@ -392,8 +392,33 @@ def empty_list() -> list[Any]:
     return []
 
 
+def loras_payload() -> list[dict[str, Any]]:
+    """A1111's Lora extension listing; ``path`` is the file name, never a server path."""
+    return [
+        {
+            "name": name,
+            "alias": name,
+            "path": f"{name}.safetensors",
+            "metadata": {"ss_sd_model_name": lora.family or "", "sha256": lora.sha256},
+        }
+        for name, lora in sorted(lora_catalog().items())
+    ]
+
+
 def embeddings_payload() -> dict[str, Any]:
-    return {"loaded": {}, "skipped": {}}
+    """A1111's shape; every embedding in EMBEDDINGS_DIR loads on first use, so all are listed
+    as loaded."""
+    loaded = {
+        name: {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": emb.dims[-1] if emb.dims else None,
+            "vectors": emb.vectors,
+        }
+        for name, emb in sorted(embedding_catalog().items())
+    }
+    return {"loaded": loaded, "skipped": {}}
 
 
 def scripts_payload() -> dict[str, Any]:

@@ -30,6 +30,7 @@ _PARAMS = {
     "guidance_scale": "guidance_scale",
     "seed": "seed",
     "scheduler": "scheduler",
+    "loras": "loras",
 }
 _IMG2IMG_ONLY = frozenset({"prompt", "strength"})
 _BOTH = frozenset(_PARAMS) | {"target_size"}

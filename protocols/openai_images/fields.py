@@ -7,6 +7,7 @@ unsupported. Anything else is refused by name, as OpenAI does with an unknown pa
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ IGNORED = frozenset({"style", "moderation", "user", "safety_identifier", "comple
 # Features of other image models that this server can't honour: refused when set.
 UNSUPPORTED = frozenset({"frame_count", "frame_duration_ms", "svg", "markup"})
 # Native fields clients may send through the SDK's extra_body, passed on as they are.
-EXTRA_NATIVE = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
+EXTRA_NATIVE = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "loras")
 
 COMMON = frozenset({"model", "n", "size", "response_format", "output_format", "output_compression", "quality"})
 GENERATION_FIELDS = COMMON | {"prompt", "background", "stream", "partial_images"} | set(EXTRA_NATIVE)
@@ -189,6 +190,12 @@ def _common(data: Mapping[str, Any], req: ImagesRequest) -> None:
     for name in EXTRA_NATIVE:
         if name in data and data[name] is not None:
             fields[name] = data[name]
+    if isinstance(fields.get("loras"), str):
+        # A multipart form (edits, variations) carries the list as a JSON string.
+        try:
+            fields["loras"] = json.loads(fields["loras"])
+        except json.JSONDecodeError:
+            raise invalid("loras", 'loras must be a JSON list like [{"name": "x", "weight": 0.8}]') from None
     req.steps_given = "steps" in fields
     if not req.steps_given:
         spec = model_catalog()[model_id]

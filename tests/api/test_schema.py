@@ -138,6 +138,7 @@ def test_request_bodies_carry_every_field_and_the_content_types() -> None:
         "scheduler",
         "response_format",
         "async",
+        "loras",
     } == set(request["properties"])
     assert request["properties"]["async"]["type"] == "boolean"
     for name in ("Img2ImgRequest", "Img2ImgUploadRequest"):

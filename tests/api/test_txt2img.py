@@ -22,7 +22,9 @@ def test_sync_txt2img_returns_finished_generation_with_resolved_params(api):
     assert body["status"] == "succeeded"
     assert body["kind"] == "txt2img"
     assert body["model_id"] == "tiny-sd"
-    # Defaults filled in from the model's catalogue entry.
+    # Defaults filled in from the model's catalogue entry; then what ran, for the record.
+    record = {k: body["params"].pop(k) for k in ("versions", "model_source", "model_revision")}
+    assert record["model_source"] == "builtin" and "diffusers" in record["versions"]
     assert body["params"] | {"prompt": "a red fox"} == {
         "kind": "txt2img",
         "model_id": "tiny-sd",
@@ -37,6 +39,9 @@ def test_sync_txt2img_returns_finished_generation_with_resolved_params(api):
         "scheduler": None,
         "strength": None,
         "mask_blur": None,
+        "loras": [],
+        "prompt_tokens": 7,  # the tiny tokenizer: a character a token, spaces none
+        "negative_prompt_tokens": 0,
     }
     assert body["seed"] == 7 and body["error"] is None
     assert body["progress"]["fraction"] == 1.0
@@ -128,12 +133,12 @@ def test_generations_show_in_the_admin(api, django_user_model, client):
     assert "admin check" in detail.content.decode()
 
 
-def test_prompt_longer_than_the_token_window_is_generated_with_a_warning(api):
+def test_a_prompt_longer_than_the_token_window_is_encoded_whole_and_its_tokens_reported(api):
     short = api.post("/api/txt2img/", {"prompt": "a" * 70, "seed": 1}, format="json").json()
-    assert short["warnings"] == []
+    assert short["warnings"] == [] and short["params"]["prompt_tokens"] == 70
     long = api.post(
         "/api/txt2img/", {"prompt": "a" * 200, "seed": 1, "negative_prompt": "b" * 10}, format="json"
     ).json()
-    assert long["status"] == "succeeded"
-    assert len(long["warnings"]) == 1
-    assert long["warnings"][0].startswith("prompt is 202 tokens long; the text encoder reads 77")
+    assert long["status"] == "succeeded" and long["warnings"] == []
+    # The tiny tokenizer reads characters: every one counts, none is dropped.
+    assert (long["params"]["prompt_tokens"], long["params"]["negative_prompt_tokens"]) == (200, 10)

@@ -110,7 +110,28 @@ def test_img2img_without_image_is_invalid(backend):
         backend.generate(params(kind="img2img", strength=0.5))
 
 
-def test_truncation_warning_only_past_the_window(backend):
-    assert backend.generate(params(prompt="a" * 75)).warnings == []
-    [warning] = backend.generate(params(prompt="a" * 76)).warnings
-    assert "78 tokens" in warning
+def test_a_prompt_past_the_window_is_encoded_whole_and_counted(backend, monkeypatch):
+    """Nothing is truncated any more: the tail of a long prompt changes the image, the token
+    count is recorded, and MAX_PROMPT_TOKENS is the only cap."""
+    import dataclasses
+
+    # The tiny tokenizer reads characters: 75 fit the window; 120 take two chunks.
+    head = "a" * 100
+    short = backend.generate(params(prompt="a" * 75))
+    assert short.warnings == [] and short.provenance["prompt_tokens"] == 75
+    one = backend.generate(params(prompt=head + "b" * 20))
+    two = backend.generate(params(prompt=head + "c" * 20))
+    assert one.provenance["prompt_tokens"] == 120 and one.warnings == []
+    assert not np.array_equal(arr(one.images[0].image), arr(two.images[0].image))
+    manager = backend.manager
+    monkeypatch.setattr(manager, "config", dataclasses.replace(manager.config, max_prompt_tokens=100))
+    with pytest.raises(InvalidParams, match=r"prompt must be at most 100 tokens \(MAX_PROMPT_TOKENS\), got 120"):
+        backend.generate(params(prompt=head + "b" * 20))
+    assert backend.generate(params(prompt="a" * 100)).provenance["prompt_tokens"] == 100
+
+
+def test_the_record_names_the_libraries_and_the_weights(backend):
+    out = backend.generate(params())
+    assert {"torch", "diffusers", "transformers", "compel", "peft"} <= set(out.provenance["versions"])
+    assert out.provenance["model_source"] == "builtin" and out.provenance["model_revision"].startswith("builtin-v")
+    assert out.provenance["loras"] == []
