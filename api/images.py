@@ -154,7 +154,15 @@ def parameters_text(params: dict[str, Any], seed: int) -> str:
         "Denoising strength": params.get("strength") if params.get("kind") in ("img2img", "inpaint") else None,
         "Mask blur": params.get("mask_blur") if params.get("kind") == "inpaint" else None,
     }
+    loras = [lora for lora in params.get("loras") or () if isinstance(lora, dict) and lora.get("name")]
+    if loras:
+        # A1111's own record of the LoRAs a prompt's tags applied: "name: short hash, ...".
+        pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {str(lora.get('sha256', ''))[:12]}" for lora in loras)
     settings_line = ", ".join(f"{key}: {_infotext_value(value)}" for key, value in pairs.items() if value is not None)
+    # The prompt as A1111 would have it: the LoRAs as tags, so pasting it back applies them.
+    prompt = str(params.get("prompt", "")) + "".join(
+        f" <lora:{lora['name']}:{lora.get('weight', 1.0):g}>" for lora in loras
+    )
     negative = params.get("negative_prompt") or ""
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{params.get('prompt', '')}{negative_line}\n{settings_line}".strip()
+    return f"{prompt}{negative_line}\n{settings_line}".strip()

@@ -29,8 +29,10 @@ def embedding_catalog() -> dict[str, Any]:
 
 
 def model_catalog() -> dict[str, ModelSpec]:
-    # The manager's catalogue is loaded once per process; reading it imports no torch.
-    return ModelManager.instance().catalog
+    # Reading it imports no torch; a checkpoint dropped into CHECKPOINT_DIR shows up at once.
+    manager = ModelManager.instance()
+    manager.refresh_catalog()
+    return manager.catalog
 
 
 def generation_list(*, viewer: ApiKey | None = None) -> QuerySet[Generation]:

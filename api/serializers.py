@@ -226,6 +226,7 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
         seed = attrs.get("seed")
         guidance = attrs.get("guidance_scale")
         prompt, loras = resolve_loras(attrs["prompt"], attrs.get("loras") or [], spec)
+        check_prompt_syntax(prompt=prompt, negative_prompt=attrs.get("negative_prompt", ""))
         attrs["resolved"] = GenerationParams(
             kind=self.kind,
             model_id=model_id,
@@ -243,6 +244,26 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
             loras=loras,
         )
         return attrs
+
+
+def check_prompt_syntax(*, prompt: str, negative_prompt: str) -> None:
+    """A1111 weighting that can't be read (``(red:1.2.3)``), and ``<lora:>`` tags where they
+    have no meaning (the negative prompt), are refused before anything is queued."""
+    from backend.prompts import PromptSyntaxError, extract_lora_tags, parse_attention
+
+    try:
+        _, negative_tags = extract_lora_tags(negative_prompt)
+    except PromptSyntaxError:
+        negative_tags = [("", 0.0)]  # a malformed tag is still a tag
+    if negative_tags:
+        raise serializers.ValidationError(
+            {"negative_prompt": ["<lora:...> tags apply LoRAs from the prompt only; remove them from negative_prompt"]}
+        )
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        try:
+            parse_attention(text)
+        except PromptSyntaxError as exc:
+            raise serializers.ValidationError({name: [str(exc)]}) from None
 
 
 def resolve_loras(prompt: str, requested: list[dict[str, Any]], spec: ModelSpec) -> tuple[str, tuple[LoraRef, ...]]:

@@ -284,6 +284,14 @@ class EmbeddingLoader:
         with self._lock:
             return {name: sha for name, (sha, _n) in self._loaded.items()}
 
+    def forget_missing(self, pipe: Any, available: Mapping[str, EmbeddingFile]) -> None:
+        """Unload what is no longer in the folder (deleted or renamed), so an old token can't
+        keep shaping prompts; a changed file is reloaded by :meth:`ensure` when next used."""
+        with self._lock:
+            for name, (_sha, vectors) in list(self._loaded.items()):
+                if name not in available:
+                    self._unload(pipe, name, vectors)
+
     def ensure(self, pipe: Any, family: str, embeddings: list[EmbeddingFile]) -> None:
         """Load each of ``embeddings`` not loaded yet; a file whose sha256 changed is loaded again.
 

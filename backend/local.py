@@ -7,7 +7,14 @@ import time
 import weakref
 from typing import Any
 
-from .embeddings import EmbeddingLoader, EmbeddingLoadError, embeddings_in, scan_embeddings
+from .embeddings import (
+    EmbeddingLoader,
+    EmbeddingLoadError,
+    embedding_incompatibility,
+    embeddings_in,
+    scan_embeddings,
+    text_widths,
+)
 from .errors import GenerationCancelled, GenerationFailed, InvalidParams, OutOfMemory
 from .loras import AdapterCache, LoraLoadError, lora_incompatibility, scan_loras
 from .manager import ModelManager, get_manager
@@ -180,13 +187,23 @@ class LocalBackend:
             raise InvalidParams(str(exc)) from exc
         used = []
         text = f"{params.prompt}\n{params.negative_prompt}"
-        embeddings = embeddings_in(text, scan_embeddings(config.base_dir / config.embeddings_dir))
-        if embeddings:
+        folder = scan_embeddings(config.base_dir / config.embeddings_dir)
+        loader = _embeddings(model)
+        loader.forget_missing(pipe, folder)
+        fitting = []
+        for emb in embeddings_in(text, folder):
+            problem = embedding_incompatibility(emb, family=family, text_width=text_widths(pipe))
+            if problem:
+                # As A1111 does: the word stays plain text, and the answer says why.
+                warnings.append(f"{problem}; the word {emb.name!r} was read as text")
+            else:
+                fitting.append(emb)
+        if fitting:
             try:
-                _embeddings(model).ensure(pipe, family, embeddings)
+                loader.ensure(pipe, family, fitting)
             except EmbeddingLoadError as exc:
                 raise InvalidParams(str(exc)) from exc
-            used = [{"name": e.name, "sha256": e.sha256} for e in embeddings]
+            used = [{"name": e.name, "sha256": e.sha256} for e in fitting]
         return {
             "versions": library_versions(),
             **model_provenance(model.spec),

@@ -96,7 +96,7 @@ def scan_loras(folder: Path | str) -> dict[str, LoraFile]:
         if name in found:
             log.warning("skipping LoRA %s: another file already has the name %r (%s)", path, name, found[name].path)
             continue
-        lora = _read_lora(path, name)
+        lora = _read_lora_cached(path, name)
         if lora is not None:
             found[name] = lora
     return dict(sorted(found.items()))
@@ -120,6 +120,29 @@ def _inside(path: Path, root_real: Path) -> bool:
     except (ValueError, OSError):
         return False
     return True
+
+
+# Whole listings entries by (path, name, size, mtime): a rescan opens no unchanged file.
+_file_cache: OrderedDict[tuple[str, str, int, int], LoraFile | None] = OrderedDict()
+_FILE_CACHE_MAX = 20_000
+
+
+def _read_lora_cached(path: Path, name: str) -> LoraFile | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (str(path), name, stat.st_size, stat.st_mtime_ns)
+    with _hash_lock:
+        if key in _file_cache:
+            _file_cache.move_to_end(key)
+            return _file_cache[key]
+    lora = _read_lora(path, name)
+    with _hash_lock:
+        _file_cache[key] = lora
+        while len(_file_cache) > _FILE_CACHE_MAX:
+            _file_cache.popitem(last=False)
+    return lora
 
 
 def _read_lora(path: Path, name: str) -> LoraFile | None:
@@ -297,9 +320,9 @@ def file_sha256(path: Path) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     with _hash_lock:
-        if len(_hash_cache) >= _HASH_CACHE_MAX:
-            _hash_cache.clear()
         _hash_cache[key] = value
+        while len(_hash_cache) > _HASH_CACHE_MAX:  # the oldest entries go first
+            del _hash_cache[next(iter(_hash_cache))]
     return value
 
 

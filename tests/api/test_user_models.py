@@ -180,3 +180,52 @@ def test_a_single_file_checkpoint_is_a_model_and_matches_its_diffusers_folder(ap
     assert np.array_equal(pixels(single), pixels(folder))
     assert len(single["params"]["model_sha256"]) == 64
     assert not Path("/tmp/should-never-exist-user-models").exists()
+
+
+def test_prompt_problems_are_refused_before_anything_is_queued(api, folders):
+    cases = [
+        ({"prompt": "a (red:1.2.3) fox"}, "prompt", "prompt weight must be a number, got '1.2.3'"),
+        ({"negative_prompt": "blurry <lora:fox:1>"}, "negative_prompt", "from the prompt only"),
+        ({"negative_prompt": "blurry <lora:fox:abc>"}, "negative_prompt", "from the prompt only"),
+    ]
+    for fields, field, words in cases:
+        r = txt2img(api, **fields)
+        assert r.status_code == 400, r.content
+        assert words in r.json()["error"]["fields"][field][0]
+    assert Generation.objects.count() == 0
+
+
+def test_the_png_and_the_a1111_infotext_carry_the_loras_back(api, folders):
+    body = txt2img(api, prompt="a red fox <lora:ink:0.8>").json()
+    with Image.open(media_path(body["images"][0]["url"])) as img:
+        text = img.info["parameters"]
+    first, *_ = text.split("\n")
+    assert first == "a red fox <lora:ink:0.8>"
+    sha = body["params"]["loras"][0]["sha256"]
+    assert f'Lora hashes: "ink: {sha[:12]}"' in text
+
+
+def test_a_deleted_embedding_stops_applying_and_a_foreign_one_is_text_with_a_warning(api, folders, tmp_path):
+    _, embeddings = folders
+    plain = pixels(txt2img(api, prompt="a red fox shiny-tok").json())  # the embedding loads and applies
+    (embeddings / "shiny-tok.safetensors").unlink()
+    gone = txt2img(api, prompt="a red fox shiny-tok").json()
+    assert "embeddings" not in gone["params"]
+    assert not np.array_equal(plain, pixels(gone))
+    # An SDXL-width embedding on an SD model: read as text, and the answer says so.
+    make_tiny_embedding(embeddings / "wide-tok.safetensors", width=768, vectors=1)
+    body = txt2img(api, prompt="a red fox wide-tok").json()
+    assert body["status"] == "succeeded" and "embeddings" not in body["params"]
+    assert any("wide-tok" in w and "read as text" in w for w in body["warnings"])
+
+
+def test_a_checkpoint_dropped_in_while_serving_is_usable_at_once(api, checkpoint, tiny_model_dirs):
+    assert txt2img(api, model_id="late-arrival").status_code == 400  # not there yet
+    catalog_file = checkpoint.parent / "catalog.json"
+    entries = json.loads(catalog_file.read_text())
+    catalog_file.write_text(json.dumps([*entries, {"id": "late-arrival", "config": str(tiny_model_dirs["tiny-sd"])}]))
+    write_single_file(tiny_model_dirs["tiny-sd"], checkpoint / "late-arrival.safetensors")
+    # No restart and no listing first: the very next request can name it.
+    r = txt2img(api, model_id="late-arrival", width=64, height=64)  # (its family's default is 512)
+    assert r.status_code == 200, r.content
+    assert np.array_equal(pixels(r.json()), pixels(txt2img(api, model_id="tiny-sd").json()))
