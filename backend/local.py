@@ -137,15 +137,30 @@ class LocalBackend:
 
         t1 = time.perf_counter()
         try:
-            with torch.inference_mode():
-                result = pipe(**call)
+            try:
+                with torch.inference_mode():
+                    outputs = list(pipe(**call).images)
+            except torch.cuda.OutOfMemoryError:
+                log.warning(
+                    "out of GPU memory for %s %dx%d x%d; retrying once with less memory",
+                    params.model_id,
+                    params.width,
+                    params.height,
+                    params.num_images,
+                )
+                self.manager._free_memory()
+                outputs = _low_memory_retry(pipe, call, seeds)
+                warnings.append(
+                    "the GPU ran out of memory; the job was run again with VAE tiling and slicing, one image at a time"
+                )
         except GenerationCancelled:
             raise
         except torch.cuda.OutOfMemoryError as exc:
             self.manager._free_memory()
             raise OutOfMemory(
-                f"the GPU ran out of memory for {params.width}x{params.height} x{params.num_images}; "
-                "try a smaller size or batch, or enable VAE_TILING / CPU_OFFLOAD"
+                f"the GPU ran out of memory for {params.width}x{params.height} x{params.num_images}, even one "
+                "image at a time with VAE tiling; ask for a smaller size, or set CPU_OFFLOAD=model, or load fewer "
+                "models at once (MAX_LOADED_MODELS)"
             ) from exc
         except (ValueError, TypeError) as exc:
             raise InvalidParams(f"the pipeline refused the parameters: {exc}") from exc
@@ -153,7 +168,6 @@ class LocalBackend:
             log.exception("pipeline failed for model %s", params.model_id)
             raise GenerationFailed(f"the pipeline failed: {type(exc).__name__}") from exc
         timings["inference_s"] = round(time.perf_counter() - t1, 4)
-        outputs = list(result.images)
         if params.kind == "inpaint":
             outputs = [paste_back(img, init, mask, params.mask_blur or 0) for img in outputs]
         images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(outputs, seeds, strict=True)]
@@ -246,6 +260,31 @@ def _embeddings(model: Any) -> EmbeddingLoader:
 def _cross_attention_dim(pipe: Any) -> int | None:
     value = getattr(getattr(pipe, "unet", None), "config", {}).get("cross_attention_dim")
     return int(value) if isinstance(value, int) else None
+
+
+def _low_memory_retry(pipe: Any, call: dict[str, Any], seeds: list[int]) -> list[Any]:
+    """The same job with less memory: VAE tiling and slicing on, one image per call, each with
+    a fresh generator of its own seed (the failed attempt consumed the first ones), so each
+    image is still its seed's solo image. The VAE's settings are restored afterwards, so the
+    next job runs as configured."""
+    import torch
+
+    vae = pipe.vae
+    tiling, slicing = getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False)
+    vae.enable_tiling()
+    vae.enable_slicing()
+    try:
+        images = []
+        for seed in seeds:
+            one = {**call, "num_images_per_prompt": 1, "generator": [torch.Generator(device="cpu").manual_seed(seed)]}
+            with torch.inference_mode():
+                images.extend(pipe(**one).images)
+        return images
+    finally:
+        if not tiling:
+            vae.disable_tiling()
+        if not slicing:
+            vae.disable_slicing()
 
 
 def _prepare_mask(mask_image: Any, size: tuple[int, int]) -> Any:
