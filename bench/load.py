@@ -3,7 +3,13 @@ done as direct pipeline calls in one process. The ratio between the two is the s
 (HTTP, the database, the queue, waiting) on top of the inference itself.
 
     .venv/bin/python bench/load.py                        # both QUEUE modes, 16 requests, 4 at once
-    .venv/bin/python bench/load.py --mode celery -n 32 -c 8 --steps 8 --size 128
+    .venv/bin/python bench/load.py --mode celery -n 32 -c 8 --steps 8 --size 128 --rounds 7
+
+These machines are noisy (a single direct run swings by ±25%), so the two sides run
+interleaved: each round does the direct batch, then each server's batch, with every process
+started and warmed once. The table reports medians over the rounds with their spread (min-max),
+the server/direct ratio per round, and the worker's busy fraction: the time inside pipeline
+calls (each answer's ``timings.inference_s``) over the batch's wall time.
 
 QUEUE=thread serves with gunicorn (one process, threads) and its in-process worker;
 QUEUE=celery adds one Celery worker (solo pool, concurrency 1) on a local Redis. Both use a
@@ -27,6 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +67,23 @@ def request_body(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 # --- the same work, as direct pipeline calls ------------------------------------------------
 
 
-def direct_run(args: argparse.Namespace) -> float:
-    """Seconds for N generations called one after another in this process (one device, one job
-    at a time, as the server's single worker runs them), after one warm-up call."""
+class Direct:
+    """N generations called one after another in this process (one device, one job at a time,
+    as the server's single worker runs them), warmed up once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run = _direct_runner(args)
+        self.run(0)
+
+    def batch(self) -> float:
+        started = time.perf_counter()
+        for i in range(self.args.requests):
+            self.run(1000 + i)
+        return time.perf_counter() - started
+
+
+def _direct_runner(args: argparse.Namespace) -> Any:
     from backend.config import EngineConfig, set_config
     from backend.local import LocalBackend
     from backend.params import GenerationParams
@@ -87,11 +108,7 @@ def direct_run(args: argparse.Namespace) -> float:
             seed=seed,
         )
 
-    backend.generate(params(0))
-    started = time.perf_counter()
-    for i in range(args.requests):
-        backend.generate(params(1000 + i))
-    return time.perf_counter() - started
+    return lambda seed: backend.generate(params(seed))
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -181,7 +198,8 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def generate(self, seed: int) -> float:
+    def generate(self, seed: int) -> tuple[float, float]:
+        """(latency, the answer's time inside the pipeline) of one synchronous request."""
         body = json.dumps(request_body(self.args, seed)).encode()
         req = urllib.request.Request(
             f"{self.url}/api/txt2img/", data=body, headers={"Content-Type": "application/json"}, method="POST"
@@ -195,26 +213,28 @@ class Stack:
             raise SystemExit(f"request failed with {exc.code}: {exc.read()[:300]!r}") from None
         if status != 200 or answer.get("status") != "succeeded":
             raise SystemExit(f"request did not succeed: {status} {answer.get('status')} {answer.get('error')}")
-        return time.perf_counter() - started
+        return time.perf_counter() - started, float((answer.get("timings") or {}).get("inference_s", 0.0))
 
-
-def server_run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    with Stack(mode, args) as stack:
-        stack.generate(0)  # warm-up: the model loads in the worker
-        latencies: list[float] = []
+    def batch(self) -> dict[str, Any]:
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            latencies = list(pool.map(stack.generate, range(1000, 1000 + args.requests)))
+        with ThreadPoolExecutor(max_workers=self.args.concurrency) as pool:
+            answers = list(pool.map(self.generate, range(1000, 1000 + self.args.requests)))
         wall = time.perf_counter() - started
-    return {
-        "mode": mode,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "wall_s": wall,
-        "throughput_rps": args.requests / wall,
-        "p50_s": statistics.median(latencies),
-        "p95_s": percentile(latencies, 95),
-    }
+        latencies = [latency for latency, _ in answers]
+        return {
+            "wall_s": wall,
+            "busy": sum(inference for _, inference in answers) / wall,
+            "p50_s": statistics.median(latencies),
+            "p95_s": percentile(latencies, 95),
+        }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(s: dict[str, float], unit: str = "", digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
 def main() -> None:
@@ -229,32 +249,58 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-sd")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker for --mode celery")
     parser.add_argument("--web-processes", type=int, default=2, help="gunicorn processes in celery mode")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    if not (1 <= args.requests <= 1000 and 1 <= args.concurrency <= 64):
-        parser.error("-n must be 1..1000 and -c 1..64")
+    if not (1 <= args.requests <= 1000 and 1 <= args.concurrency <= 64 and 1 <= args.rounds <= 50):
+        parser.error("-n must be 1..1000, -c 1..64 and --rounds 1..50")
 
     os.environ.setdefault("ENV_FILE", "none")
     print(
-        f"{args.requests} txt2img requests, {args.concurrency} at once, {args.model} {args.size}x{args.size}, {args.steps} steps"
+        f"{args.requests} txt2img requests, {args.concurrency} at once, {args.model} {args.size}x{args.size}, "
+        f"{args.steps} steps, {args.rounds} interleaved rounds"
     )
-    direct = direct_run(args)
-    print(f"direct pipeline calls, one process: {direct:.2f}s ({args.requests / direct:.2f} images/s)")
+    modes = ("thread", "celery") if args.mode == "both" else (args.mode,)
+    direct = Direct(args)
+    rounds: list[dict[str, Any]] = []
+    with ExitStack() as stacks:
+        servers = {mode: stacks.enter_context(Stack(mode, args)) for mode in modes}
+        for server in servers.values():
+            server.generate(0)  # warm-up: the model loads in the worker
+        for number in range(1, args.rounds + 1):
+            row: dict[str, Any] = {"round": number, "direct_s": direct.batch()}
+            for mode, server in servers.items():
+                row[mode] = server.batch()
+                row[mode]["ratio"] = row[mode]["wall_s"] / row["direct_s"]
+            rounds.append(row)
+            print(
+                f"  round {number}: direct {row['direct_s']:.2f}s  "
+                + "  ".join(f"{m} {row[m]['wall_s']:.2f}s ({row[m]['ratio']:.2f}x)" for m in modes)
+            )
 
-    results = []
-    for mode in ("thread", "celery") if args.mode == "both" else (args.mode,):
-        result = server_run(mode, args)
-        result["direct_s"] = direct
-        result["overhead_ratio"] = result["wall_s"] / direct
-        results.append(result)
+    direct_s = spread([r["direct_s"] for r in rounds])
+    print(f"\nmedian (min-max) over {args.rounds} rounds")
+    print(f"{'side':<14} {'wall s':>20} {'images/s':>10} {'server/direct':>22} {'busy':>18} {'p50 s':>8} {'p95 s':>8}")
+    print(f"{'direct':<14} {fmt(direct_s):>20} {args.requests / direct_s['median']:>10.2f}")
+    summary: dict[str, Any] = {
+        "args": vars(args) | {"json": str(args.json or "")},
+        "direct_s": direct_s,
+        "rounds": rounds,
+    }
+    for mode in modes:
+        wall = spread([r[mode]["wall_s"] for r in rounds])
+        ratio = spread([r[mode]["ratio"] for r in rounds])
+        busy = spread([r[mode]["busy"] for r in rounds])
+        p50 = statistics.median(r[mode]["p50_s"] for r in rounds)
+        p95 = statistics.median(r[mode]["p95_s"] for r in rounds)
+        summary[mode] = {"wall_s": wall, "ratio": ratio, "busy": busy, "p50_s": p50, "p95_s": p95}
         print(
-            f"QUEUE={mode:<6} {result['wall_s']:.2f}s  throughput {result['throughput_rps']:.2f} req/s  "
-            f"p50 {result['p50_s']:.3f}s  p95 {result['p95_s']:.3f}s  "
-            f"server/direct {result['overhead_ratio']:.2f}x"
+            f"{'QUEUE=' + mode:<14} {fmt(wall):>20} {args.requests / wall['median']:>10.2f} {fmt(ratio, 'x'):>22} "
+            f"{fmt(busy, '', 3):>18} {p50:>8.3f} {p95:>8.3f}"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
