@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import EngineError
+from backend.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,7 @@ def _read_info(path: Path, size: int, mtime_ns: int) -> tuple[int, tuple[int, ..
     with safe_open(str(path), framework="pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     vectors, dims, family = _layout(shapes)
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    info = (vectors, dims, family, digest.hexdigest())
+    info = (vectors, dims, family, file_sha256(path))
     with _cache_lock:
         _info_cache[key] = info
     return info

@@ -14,7 +14,6 @@ loaded once and kept, up to ``max_adapters``, least recently used evicted first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .provenance import file_sha256
 
 log = logging.getLogger("backend.loras")
 
@@ -122,6 +123,8 @@ def _inside(path: Path, root_real: Path) -> bool:
     return True
 
 
+_cache_lock = threading.Lock()
+
 # Whole listings entries by (path, name, size, mtime): a rescan opens no unchanged file.
 _file_cache: OrderedDict[tuple[str, str, int, int], LoraFile | None] = OrderedDict()
 _FILE_CACHE_MAX = 20_000
@@ -133,12 +136,12 @@ def _read_lora_cached(path: Path, name: str) -> LoraFile | None:
     except OSError:
         return None
     key = (str(path), name, stat.st_size, stat.st_mtime_ns)
-    with _hash_lock:
+    with _cache_lock:
         if key in _file_cache:
             _file_cache.move_to_end(key)
             return _file_cache[key]
     lora = _read_lora(path, name)
-    with _hash_lock:
+    with _cache_lock:
         _file_cache[key] = lora
         while len(_file_cache) > _FILE_CACHE_MAX:
             _file_cache.popitem(last=False)
@@ -299,31 +302,6 @@ def _top_tags(value: str | None) -> list[str]:
     # Most frequent first; ties keep the order the trainer wrote them in.
     ranked = sorted(counts, key=lambda t: -counts[t])
     return ranked[:_TRIGGER_TAGS_FROM_FREQUENCY]
-
-
-# sha256 of a file by (path, size, mtime): a rescan reads no unchanged file twice.
-_hash_cache: dict[tuple[str, int, int], str] = {}
-_hash_lock = threading.Lock()
-_HASH_CACHE_MAX = 10_000
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of the file's bytes, cached while its size and mtime stay the same."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    with _hash_lock:
-        if key in _hash_cache:
-            return _hash_cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = value
-        while len(_hash_cache) > _HASH_CACHE_MAX:  # the oldest entries go first
-            del _hash_cache[next(iter(_hash_cache))]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ log = logging.getLogger("backend.provenance")
 _LIBRARIES = ("torch", "diffusers", "transformers", "compel", "peft", "safetensors")
 
 _hash_lock = threading.Lock()
-_file_hashes: dict[tuple[str, int, float], str] = {}
+_file_hashes: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE_MAX = 20_000
 
 
 @cache
@@ -36,9 +37,10 @@ def library_versions() -> dict[str, str]:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, cached by (path, size, mtime): a changed file gets a new hash."""
+    """sha256 of a file, cached by (path, size, mtime): a rescan reads no unchanged file twice,
+    and a changed file gets a new hash. Shared by the checkpoint, LoRA and embedding listings."""
     stat = Path(path).stat()
-    key = (str(path), stat.st_size, stat.st_mtime)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
     with _hash_lock:
         if key in _file_hashes:
             return _file_hashes[key]
@@ -49,6 +51,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     value = digest.hexdigest()
     with _hash_lock:
         _file_hashes[key] = value
+        while len(_file_hashes) > _HASH_CACHE_MAX:  # the oldest entries go first
+            del _file_hashes[next(iter(_file_hashes))]
     return value
 
 

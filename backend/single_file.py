@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .tiny import bytes_to_unicode
+
 if TYPE_CHECKING:
     from .catalog import ModelSpec
 
@@ -223,19 +225,6 @@ def scan_checkpoints(folder: str | os.PathLike[str]) -> list[ModelSpec]:
 
 
 # -- component configs -------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable character table of CLIP's byte-level BPE (same as GPT-2's).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 def write_clip_vocab(folder: Path) -> None:
     """``vocab.json`` and ``merges.txt`` of the CLIP tokenizer, from the shipped BPE file.
 
@@ -243,7 +232,7 @@ def write_clip_vocab(folder: Path) -> None:
     """
     lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
     merges = lines[1 : _CLIP_MERGES + 1]  # the first line is a header
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split(" ")) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}

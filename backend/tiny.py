@@ -16,7 +16,7 @@ TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
 _FORMAT_VERSION = "1"  # bump when the recipes below change, so caches rebuild
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # The byte -> printable-char table of GPT-2/CLIP byte-level BPE.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -32,7 +32,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _write_tokenizer(folder: Path) -> None:
     """A character-level CLIP tokenizer (no merges): every byte, alone or word-final."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in chars:
         vocab[ch] = len(vocab)
