@@ -88,3 +88,40 @@ class GenerationOutput:
     # token counts): recorded with the generation so it can be made again and a changed
     # file noticed.
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchMember:
+    """One job of a micro-batch: its parameters, its input images, and its own callbacks.
+
+    Every member of one batch shares model, kind, size, steps, scheduler, guidance, strength
+    and LoRA set (see ``batch_key``); prompts, seeds, image counts and inputs are its own.
+    """
+
+    params: GenerationParams
+    init_image: Any = None
+    mask_image: Any = None
+    on_progress: ProgressFn | None = None
+    should_cancel: CancelFn | None = None
+    on_preview: PreviewFn | None = None
+
+
+def batch_key(params: GenerationParams) -> tuple[Any, ...]:
+    """Jobs with equal keys can run as one pipeline call: everything that is one value per call.
+
+    Prompts, negative prompts, seeds, the number of images and the input images are per image;
+    the rest is here. LoRAs count with their weights and file hashes: they are weights of the
+    shared modules. Embeddings are not in the key: each is a new token of its own, loaded for
+    any member that names it, and changes nothing for a prompt that doesn't.
+    """
+    return (
+        params.model_id,
+        params.kind,
+        params.width,
+        params.height,
+        params.steps,
+        params.scheduler,
+        float(params.guidance_scale),
+        None if params.strength is None else float(params.strength),
+        tuple((ref.name, float(ref.weight), ref.sha256) for ref in params.loras),
+    )

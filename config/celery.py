@@ -92,9 +92,12 @@ def _preload_in_pool_process(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _remove_worker_status(**_: Any) -> None:
-    # A clean stop takes the worker off /api/status/ at once; a killed one expires.
+    # A clean stop lets the saves in progress complete (what doesn't is retried by recovery),
+    # and takes the worker off /api/status/ at once; a killed one expires.
     from api.services.celery_executor import stop_worker_status
+    from api.services.worker import drain_finisher
 
+    drain_finisher(timeout=30)
     stop_worker_status()
 
 

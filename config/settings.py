@@ -193,6 +193,15 @@ SYNC_TIMEOUT = _wrap(env_float, env, "SYNC_TIMEOUT", 300.0, minimum=0.0)
 MAX_ATTEMPTS = _wrap(env_int, env, "MAX_ATTEMPTS", 2, minimum=1, maximum=10)
 PRELOAD_MODELS = list(_wrap(env_list, env, "PRELOAD_MODELS"))
 PROGRESS_MIN_INTERVAL = _wrap(env_float, env, "PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
+# Micro-batching: queued jobs that share model, kind, size, steps, scheduler, guidance, strength
+# and LoRAs run as one pipeline call of up to BATCH_MAX_IMAGES images (1: off). The worker waits
+# up to BATCH_WINDOW_MS for companions (0: it takes only what is already queued).
+BATCH_MAX_IMAGES = _wrap(env_int, env, "BATCH_MAX_IMAGES", 8, minimum=1, maximum=64)
+BATCH_WINDOW_MS = _wrap(env_float, env, "BATCH_WINDOW_MS", 0.0, minimum=0.0)
+# Saving (PNG encoding, files, the final rows) runs on these threads, off the device's path;
+# at most FINISH_MAX_PENDING finished jobs wait to be saved before the device waits for them.
+FINISH_THREADS = _wrap(env_int, env, "FINISH_THREADS", 2, minimum=1, maximum=32)
+FINISH_MAX_PENDING = _wrap(env_int, env, "FINISH_MAX_PENDING", 8, minimum=1, maximum=256)
 
 GENERATION_LIMITS = {
     "MIN_SIZE": _wrap(env_int, env, "MIN_IMAGE_SIZE", 64, minimum=8),

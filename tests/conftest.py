@@ -66,3 +66,23 @@ def media_path(url: str) -> Path:
     """The file behind an image URL in a response."""
     rel = url.split(settings.MEDIA_URL, 1)[1]
     return Path(settings.MEDIA_ROOT) / rel
+
+
+# Images of one micro-batch differ from the same images made alone by floating-point noise of
+# the batched matrix products: at most this much on any pixel (0-255), documented in README_BACKEND.
+BATCH_PIXEL_TOLERANCE = 2
+
+
+def assert_same_image(a: Path | bytes, b: Path | bytes, tolerance: int = BATCH_PIXEL_TOLERANCE) -> None:
+    """Same size and pixels equal within ``tolerance`` (0: identical) on every channel."""
+    import numpy as np
+
+    def pixels(x: Path | bytes) -> np.ndarray:
+        data = x.read_bytes() if isinstance(x, Path) else x
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+    pa, pb = pixels(a), pixels(b)
+    assert pa.shape == pb.shape, (pa.shape, pb.shape)
+    worst = int(np.abs(pa - pb).max()) if pa.size else 0
+    assert worst <= tolerance, f"images differ by up to {worst} on a pixel (tolerance {tolerance})"

@@ -185,7 +185,10 @@ def _worker_run(generation_id: str, me: str) -> str | None:
     from .jobs import generation_execute, generation_recover
     from .liveness import OrphanTest
 
-    status = generation_execute(generation_id=generation_id, worker=me)
+    notify = _executor().notify_finished
+    # The saving runs on the finisher's threads: this task returns, and the next job starts,
+    # while the last one's images are encoded and written. Each job's end is published there.
+    status = generation_execute(generation_id=generation_id, worker=me, notify=notify, background=True)
     if status is None:
         # Not queued. A message delivered again after its worker died finds the job still
         # ``running``: if that worker is really gone, the job is retried here or fails.
@@ -195,13 +198,13 @@ def _worker_run(generation_id: str, me: str) -> str | None:
             generation_ids=[generation_id],
         )
         if outcome["requeued"]:
-            status = generation_execute(generation_id=generation_id, worker=me)
+            status = generation_execute(generation_id=generation_id, worker=me, notify=notify, background=True)
         elif outcome["failed"]:
             status = Status.FAILED
+            notify(generation_id)
         elif outcome["cancelled"]:
             status = Status.CANCELLED
-    if status is not None:
-        _executor().notify_finished(generation_id)
+            notify(generation_id)
     return status
 
 

@@ -149,12 +149,16 @@ class ThreadExecutor:
 
     def notify_finished(self, generation_id: Any) -> None:
         with self._lock:
+            self._cancelled.discard(str(generation_id))
             event = self._events.pop(str(generation_id), None)
         if event is not None:
             event.set()
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def _is_cancel_requested(self, generation_id: str) -> bool:
+        return generation_id in self._cancelled
 
     # -- the worker thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -167,9 +171,16 @@ class ThreadExecutor:
                 if action == "preload":
                     self._preload(arg)
                 else:
-                    generation_execute(
-                        generation_id=arg, worker=self.worker_name, cancel_flag=lambda key=arg: key in self._cancelled
+                    status = generation_execute(
+                        generation_id=arg,
+                        worker=self.worker_name,
+                        cancel_flag=self._is_cancel_requested,
+                        notify=self.notify_finished,
+                        background=True,
                     )
+                    if status is None and _is_finished(arg):
+                        # Not ours: run as another job's companion, or cancelled while queued.
+                        self.notify_finished(arg)
             except Exception:  # noqa: BLE001 - the worker thread must survive anything
                 log.exception("worker thread error on %s %s", action, arg)
             finally:
@@ -179,10 +190,6 @@ class ThreadExecutor:
                     connection.close()
                 else:
                     close_old_connections()
-                if action == "run":
-                    with self._lock:
-                        self._cancelled.discard(arg)
-                    self.notify_finished(arg)
 
     @staticmethod
     def _preload(model_id: str) -> None:

@@ -22,12 +22,10 @@ from django.utils import timezone
 from PIL import Image
 from rest_framework.exceptions import NotFound
 
-from backend.errors import EngineError, GenerationCancelled
 from backend.params import GenerationParams
-from backend.router import get_backend
 
 from ..exceptions import ApiError, Conflict, ServiceUnavailable
-from ..images import parameters_text, png_bytes, write_atomic
+from ..images import png_bytes, write_atomic
 from ..models import FINISHED, ApiKey, GeneratedImage, Generation, Status
 
 log = logging.getLogger("api.jobs")
@@ -53,6 +51,8 @@ ERROR_HTTP_STATUS = {
     "remote_bad_response": 502,
     "remote_rejected": 400,
     "remote_unreachable": 503,
+    "storage_full": 507,
+    "storage_error": 500,
 }
 
 
@@ -269,58 +269,8 @@ class _ProgressWriter:
         )
 
 
-class _PreviewWriter:
-    """Keeps the latest preview on the row (the backend already limits how often one comes)."""
-
-    def __init__(self, generation_id: Any, lease: dict[str, Any] | None = None) -> None:
-        self.generation_id = generation_id
-        self.lease = lease or {}
-
-    def __call__(self, step: int, total: int, image: Image.Image) -> None:
-        data = base64.b64encode(png_bytes(image)).decode("ascii")
-        total = max(total, 1)
-        Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING, **self.lease).update(
-            preview=data,
-            progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
-            heartbeat_at=timezone.now(),
-        )
-
-
-class _CancelCheck:
-    """True once a cancel was asked for: in-process flag at once, the row every half second.
-
-    Also true once the row no longer holds this attempt (deleted, or recovered and handed to
-    another worker while this one was presumed dead): the job is no longer ours to finish.
-    """
-
-    def __init__(
-        self, generation_id: Any, flag: Callable[[], bool] | None, lease: dict[str, Any] | None = None
-    ) -> None:
-        self.generation_id = generation_id
-        self.flag = flag
-        self.lease = lease or {}
-        self.last = 0.0
-        self.cancelled = False
-
-    def __call__(self) -> bool:
-        if self.cancelled or (self.flag is not None and self.flag()):
-            self.cancelled = True
-            return True
-        now = time.monotonic()
-        if now - self.last >= 0.5:
-            self.last = now
-            row = (
-                Generation.objects.filter(pk=self.generation_id)
-                .values("cancel_requested", "status", "worker", "attempts")
-                .first()
-            )
-            self.cancelled = (
-                row is None
-                or row["cancel_requested"]
-                or row["status"] != Status.RUNNING
-                or any(row[k] != v for k, v in self.lease.items())
-            )
-        return self.cancelled
+def preview_b64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def generation_claim(*, generation_id: Any, worker: str) -> bool:
@@ -345,127 +295,21 @@ def _finish(generation_id: Any, status: str, lease: dict[str, Any] | None = None
     )
 
 
-def generation_execute(*, generation_id: Any, worker: str, cancel_flag: Callable[[], bool] | None = None) -> str | None:
-    """Claim and run one job. Returns its final status, or None if it wasn't ours to run."""
-    from .liveness import Heartbeat
+def generation_execute(
+    *,
+    generation_id: Any,
+    worker: str,
+    cancel_flag: Callable[[str], bool] | None = None,
+    notify: Callable[[Any], None] | None = None,
+    background: bool = False,
+) -> str | None:
+    """Claim and run one job (with queued companions that can share its pipeline call).
+    Returns its final status, or None if it wasn't ours to run; see ``worker.execute``."""
+    from .worker import execute
 
-    if not generation_claim(generation_id=generation_id, worker=worker):
-        return None
-    lease = {
-        "worker": worker[:128],
-        "attempts": Generation.objects.values_list("attempts", flat=True).get(pk=generation_id),
-    }
-    try:
-        with Heartbeat(generation_id, lease, settings.JOB_HEARTBEAT_INTERVAL):
-            return _run_claimed(generation_id, cancel_flag, lease)
-    finally:
-        # Whatever happened above (even a BaseException), the job doesn't stay running.
-        try:
-            _finish(
-                generation_id,
-                Status.FAILED,
-                lease,
-                error={"code": "internal_error", "message": "the worker stopped unexpectedly", "http_status": 500},
-            )
-        except Exception:  # noqa: BLE001 - the database itself may be what failed
-            log.exception("could not mark generation %s failed", generation_id)
-
-
-def _run_claimed(generation_id: Any, cancel_flag: Callable[[], bool] | None, lease: dict[str, Any]) -> str:
-    generation = Generation.objects.get(pk=generation_id)
-    started = generation.started_at or timezone.now()
-    queue_s = (started - generation.created_at).total_seconds()
-    params = GenerationParams.from_dict(generation.params)
-    init_image = mask_image = None
-    if generation.input_image:
-        with Image.open(media_root() / generation.input_image) as img:
-            init_image = img.convert("RGB")
-    if generation.mask_image:
-        with Image.open(media_root() / generation.mask_image) as img:
-            mask_image = img.convert("L")
-    t0 = time.perf_counter()
-    try:
-        output = get_backend().generate(
-            params,
-            init_image=init_image,
-            mask_image=mask_image,
-            on_progress=_ProgressWriter(generation_id, lease),
-            should_cancel=_CancelCheck(generation_id, cancel_flag, lease),
-            on_preview=_PreviewWriter(generation_id, lease),
-        )
-    except GenerationCancelled as exc:
-        _finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(exc)})
-        return Status.CANCELLED
-    except EngineError as exc:
-        log.warning("generation %s failed: %s (%s)", generation_id, exc.message, exc.code)
-        status_code = ERROR_HTTP_STATUS.get(exc.code, exc.http_status if exc.http_status >= 400 else 500)
-        _finish(
-            generation_id,
-            Status.FAILED,
-            lease,
-            error={"code": exc.code, "message": exc.message, "http_status": status_code},
-        )
-        return Status.FAILED
-    except Exception as exc:  # noqa: BLE001 - any bug becomes a failed job, not a dead worker
-        log.exception("generation %s crashed", generation_id)
-        _finish(
-            generation_id,
-            Status.FAILED,
-            lease,
-            error={
-                "code": "internal_error",
-                "message": f"generation failed unexpectedly ({type(exc).__name__})",
-                "http_status": 500,
-            },
-        )
-        return Status.FAILED
-    run_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    folder = generation_dir(generation_id)
-    written: list[GeneratedImage] = []
-    for index, item in enumerate(output.images):
-        name = f"{folder}/{index}-{item.seed}.png"
-        data = png_bytes(item.image, text={"parameters": parameters_text(params.to_dict(), item.seed)})
-        write_atomic(media_root(), name, data)
-        written.append(
-            GeneratedImage(
-                generation_id=generation_id,
-                index=index,
-                file=name,
-                seed=item.seed,
-                width=item.image.width,
-                height=item.image.height,
-            )
-        )
-    timings = {
-        "queue_s": round(queue_s, 4),
-        **output.timings,
-        "generate_s": round(run_s, 4),
-        "save_s": round(time.perf_counter() - t1, 4),
-    }
-    with transaction.atomic():
-        done = _finish(
-            generation_id,
-            Status.SUCCEEDED,
-            lease,
-            backend=output.backend,
-            timings=timings,
-            warnings=output.warnings,
-            params={**generation.params, **output.provenance},
-            progress={"step": params.steps, "total_steps": params.steps, "fraction": 1.0},
-            error=None,
-        )
-        if done:
-            GeneratedImage.objects.bulk_create(written)
-    if not done:
-        # Deleted, cancelled or failed over while we ran: leave no files without a row. A
-        # row that another attempt now runs or finished keeps the folder: its images have
-        # the same names, and removing them would break that attempt's result.
-        if not Generation.objects.filter(pk=generation_id, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
-            shutil.rmtree(media_root() / folder, ignore_errors=True)
-        return Status.CANCELLED
-    return Status.SUCCEEDED
+    return execute(
+        generation_id=generation_id, worker=worker, cancel_flag=cancel_flag, notify=notify, background=background
+    )
 
 
 def generation_recover(
