@@ -142,6 +142,8 @@ class Stack:
             "GUNICORN_LOG_LEVEL": "warning",
             "CELERY_BROKER_URL": args.redis,
             "CELERY_DEFAULT_QUEUE": f"bench-{uuid.uuid4().hex[:8]}",
+            # Off by default: the direct side runs one job per call, so this compares like with like.
+            "BATCH_MAX_IMAGES": str(args.batch_max),
         }
         if mode == "celery":
             self.env["WEB_CONCURRENCY"] = str(args.web_processes)
@@ -199,7 +201,8 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def generate(self, seed: int) -> tuple[float, float]:
-        """(latency, the answer's time inside the pipeline) of one synchronous request."""
+        """(latency, the answer's share of pipeline time) of one synchronous request: a call
+        shared by several jobs counts once, split between them."""
         body = json.dumps(request_body(self.args, seed)).encode()
         req = urllib.request.Request(
             f"{self.url}/api/txt2img/", data=body, headers={"Content-Type": "application/json"}, method="POST"
@@ -213,7 +216,9 @@ class Stack:
             raise SystemExit(f"request failed with {exc.code}: {exc.read()[:300]!r}") from None
         if status != 200 or answer.get("status") != "succeeded":
             raise SystemExit(f"request did not succeed: {status} {answer.get('status')} {answer.get('error')}")
-        return time.perf_counter() - started, float((answer.get("timings") or {}).get("inference_s", 0.0))
+        timings = answer.get("timings") or {}
+        share = float(timings.get("inference_s", 0.0)) / max(1, int(timings.get("batch_jobs", 1)))
+        return time.perf_counter() - started, share
 
     def batch(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -250,6 +255,9 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker for --mode celery")
     parser.add_argument("--web-processes", type=int, default=2, help="gunicorn processes in celery mode")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these")
+    parser.add_argument(
+        "--batch-max", type=int, default=1, help="the server's BATCH_MAX_IMAGES (default 1: micro-batching off)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not (1 <= args.requests <= 1000 and 1 <= args.concurrency <= 64 and 1 <= args.rounds <= 50):

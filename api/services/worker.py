@@ -375,21 +375,17 @@ def execute(
     """
     if not jobs.generation_claim(generation_id=generation_id, worker=worker):
         return None
-    lead = Claimed(
-        generation_id,
-        {
-            "worker": worker[:128],
-            "attempts": Generation.objects.values_list("attempts", flat=True).get(pk=generation_id),
-        },
-    )
+    lead_row = Generation.objects.filter(pk=generation_id).first()
+    lead = Claimed(generation_id, {"worker": worker[:128], "attempts": lead_row.attempts if lead_row else 0})
     members = [lead]
     monitor = JobMonitor(members, cancel_flag)
     statuses: dict[str, str] = {}
     handed: set[str] = set()
     try:
         monitor.start()
+        if lead_row is None:
+            return None  # deleted right after the claim
         backend = get_backend()
-        lead_row = Generation.objects.get(pk=generation_id)
         max_images = settings.BATCH_MAX_IMAGES if hasattr(backend, "generate_batch") else 1
         if max_images > int(lead_row.params.get("num_images") or 1):
             companions = claim_companions(
@@ -399,7 +395,7 @@ def execute(
                 # The monitor watches them from now on (heartbeat, cancel, progress).
                 monitor.add(companions)
                 members.extend(companions)
-        _run(members, backend, monitor, statuses, handed, notify=notify, background=background)
+        _run(members, lead_row, backend, monitor, statuses, handed, notify=notify, background=background)
     finally:
         # Whatever happened above (even a BaseException), no member stays running.
         for member in members:
@@ -437,6 +433,7 @@ def _announce(notify: Notify | None, generation_id: Any) -> None:
 
 def _run(
     claimed: list[Claimed],
+    lead_row: Generation,
     backend: Any,
     monitor: JobMonitor,
     statuses: dict[str, str],
@@ -445,7 +442,9 @@ def _run(
     notify: Notify | None,
     background: bool,
 ) -> None:
-    rows = {str(r.pk): r for r in Generation.objects.filter(pk__in=[c.id for c in claimed])}
+    rows = {str(lead_row.pk): lead_row}
+    if len(claimed) > 1:
+        rows.update((str(r.pk), r) for r in Generation.objects.filter(pk__in=[c.id for c in claimed[1:]]))
     members: list[_Member] = []
     for c in claimed:
         row = rows.get(str(c.id))

@@ -338,3 +338,32 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(celery_mode, settings
     assert client.llen(celery_mode.queue) == 1
     assert recover_orphans()["resent"] == []  # its queue holds a message now: nothing to resend
     Generation.objects.filter(pk=generation.pk).update(status=Status.CANCELLED)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_the_worker_runs_queued_compatible_jobs_as_one_call_and_their_messages_find_them_done(
+    api, celery_mode, no_model_in_web
+):
+    worker = celery_mode
+    worker.start()
+    # Keep the worker busy while four compatible jobs queue up behind the slow one.
+    r = api.post("/api/txt2img/", {"prompt": "slow", "seed": 6, "async": True, **SLOW}, format="json")
+    slow_id = r.json()["id"]
+    wait_for("the slow job to run", lambda: running_with_progress(slow_id, 1))
+    body = {"steps": 3, "width": 64, "height": 64, "async": True}
+    ids = [
+        api.post("/api/txt2img/", {"prompt": f"scene {i}", "seed": 40 + i, **body}, format="json").json()["id"]
+        for i in range(4)
+    ]
+    assert api.post(f"/api/results/{slow_id}/cancel/").status_code in (200, 202)
+    wait_for("the four jobs", lambda: all(row(i).status == Status.SUCCEEDED for i in ids), 120)
+    rows = [row(i) for i in ids]
+    # The first message's task claimed the other three in one step and ran them in its call.
+    assert {g.timings["batch_jobs"] for g in rows} == {4}
+    assert len({g.worker for g in rows}) == 1 and all(g.attempts == 1 for g in rows)
+    assert [pngs(i) for i in ids] == [[f"0-{40 + n}.png"] for n in range(4)]
+    finished = [g.finished_at for g in rows]
+    # Their own messages came after and did nothing: nothing ran or changed again.
+    time.sleep(1.0)
+    assert [row(i).finished_at for i in ids] == finished and all(row(i).attempts == 1 for i in ids)
