@@ -53,7 +53,9 @@ else:
         )
 
 worker_class = "gthread"
-threads = _int("GUNICORN_THREADS", 16)
+# Each open event stream (GET /api/results/<id>/events/) holds a thread while it lasts; the app
+# lets at most SSE_MAX_STREAMS be open, so that many threads more keep the others for requests.
+threads = _int("GUNICORN_THREADS", 16) + _int("SSE_MAX_STREAMS", 256)
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 
 # gthread: a request may run long (a synchronous generation waits up to SYNC_TIMEOUT); this

@@ -7,15 +7,18 @@ import json
 from typing import Any
 
 from django.conf import settings
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .auth import GenerateRateThrottle, request_key
+from .exceptions import ServiceUnavailable
 from .models import FINISHED, Status
 from .schema import (
     GENERATION_ERRORS,
@@ -41,6 +44,7 @@ from .serializers import (
     Txt2ImgRequestSerializer,
 )
 from .services import jobs, system
+from .services.events import EventStream, TooManyStreams, get_hub, parse_last_event_id
 
 
 def _wants_async(request: Request, data: dict[str, Any]) -> bool:
@@ -191,6 +195,53 @@ class ResultsViewSet(
 
     def perform_destroy(self, instance: Any) -> None:
         jobs.generation_delete(generation=instance)
+
+    @extend_schema(
+        summary="Live events of one generation (server-sent events)",
+        description=(
+            "`text/event-stream`: `queued` (queue_position), `started`, `progress` (step, total_steps, "
+            "fraction, eta_s, and `preview`, a base64 PNG of the latents, when a new one exists), then one of "
+            "`completed` (the generation resource), `failed` or `cancelled`, after which the stream ends. "
+            "Event ids grow with the job, so `Last-Event-ID` resumes; `: ping` comments keep it alive."
+        ),
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(description="The event stream."),
+            **error_responses(401, 404, 429, 503),
+        },
+    )
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer])
+    def events(self, request: Request, pk: str | None = None) -> Any:
+        generation = self.get_object()  # 404 for another key's job, as for the resource
+        hub = get_hub()
+        try:
+            watch = hub.watch(generation.pk)
+        except TooManyStreams:
+            raise ServiceUnavailable(
+                f"this server already has {settings.SSE_MAX_STREAMS} event streams open (SSE_MAX_STREAMS); "
+                "poll GET /api/results/<id>/ meanwhile, or try again shortly",
+                code="too_many_streams",
+                retry_after=5,
+            ) from None
+
+        def completed(generation_id: Any) -> dict[str, Any]:
+            row = generation_get(generation_id=generation_id, viewer=request_key(request))
+            context = {"request": request, "b64_json": row.response_format == "b64_json"}
+            return GenerationSerializer(row, context=context).data
+
+        last = parse_last_event_id(request.headers.get("Last-Event-ID") or request.query_params.get("last_event_id"))
+        response = StreamingHttpResponse(
+            EventStream(generation.pk, last_event_id=last, completed=completed, watch=watch, hub=hub),
+            content_type="text/event-stream; charset=utf-8",
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> tuple[Any, str]:
+        if self.action == "events":
+            # EventSource sends Accept: text/event-stream; errors still answer as JSON.
+            return JSONRenderer(), JSONRenderer.media_type
+        return super().perform_content_negotiation(request, force)
 
     @extend_schema(
         request=None,

@@ -202,6 +202,15 @@ BATCH_WINDOW_MS = _wrap(env_float, env, "BATCH_WINDOW_MS", 0.0, minimum=0.0)
 # at most FINISH_MAX_PENDING finished jobs wait to be saved before the device waits for them.
 FINISH_THREADS = _wrap(env_int, env, "FINISH_THREADS", 2, minimum=1, maximum=32)
 FINISH_MAX_PENDING = _wrap(env_int, env, "FINISH_MAX_PENDING", 8, minimum=1, maximum=256)
+# Server-sent events (GET /api/results/<id>/events/): at most SSE_MAX_STREAMS open per process
+# (each holds one server thread; gunicorn.conf.py adds that many threads), a ": ping" comment
+# every SSE_PING_INTERVAL seconds, rows re-read at least every SSE_POLL_INTERVAL seconds (a
+# change wakes them at once), and a stream ends after SSE_MAX_DURATION (the client resumes).
+SSE_MAX_STREAMS = _wrap(env_int, env, "SSE_MAX_STREAMS", 256, minimum=1, maximum=10_000)
+SSE_PING_INTERVAL = _wrap(env_float, env, "SSE_PING_INTERVAL", 15.0, minimum=0.05)
+SSE_POLL_INTERVAL = _wrap(env_float, env, "SSE_POLL_INTERVAL", 0.5, minimum=0.01)
+SSE_MAX_DURATION = _wrap(env_float, env, "SSE_MAX_DURATION", 3600.0, minimum=1.0)
+SSE_RETRY_MS = _wrap(env_int, env, "SSE_RETRY_MS", 2000, minimum=0)
 
 GENERATION_LIMITS = {
     "MIN_SIZE": _wrap(env_int, env, "MIN_IMAGE_SIZE", 64, minimum=8),

@@ -209,6 +209,7 @@ def generation_cancel(*, generation: Generation) -> Generation:
         error={"code": "cancelled", "message": "cancelled before it started"},
     ):
         _remove_files(generation)
+        announce_change(generation.id)
         get_executor().notify_finished(generation.id)
     else:
         # Running: the worker sees the flag at its next step and stops before decoding.
@@ -257,16 +258,24 @@ class _ProgressWriter:
         self.interval = settings.PROGRESS_MIN_INTERVAL
         self.last = 0.0
 
-    def __call__(self, step: int, total: int) -> None:
+    def __call__(self, step: int, total: int, at: float | None = None) -> bool:
+        """Write (unless throttled); ``at`` is when the step ended (epoch seconds). True if written."""
         now = time.monotonic()
         if step < total and now - self.last < self.interval:
-            return
+            return False
         self.last = now
-        total = max(total, 1)
         Generation.objects.filter(pk=self.generation_id, status=Status.RUNNING, **self.lease).update(
-            progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
-            heartbeat_at=timezone.now(),
+            progress=progress_value(step, total, at), heartbeat_at=timezone.now()
         )
+        return True
+
+
+def progress_value(step: int, total: int, at: float | None = None) -> dict[str, Any]:
+    total = max(total, 1)
+    value: dict[str, Any] = {"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)}
+    if at is not None:
+        value["at"] = round(at, 3)
+    return value
 
 
 def preview_b64(image: Image.Image) -> str:
@@ -275,7 +284,7 @@ def preview_b64(image: Image.Image) -> str:
 
 def generation_claim(*, generation_id: Any, worker: str) -> bool:
     now = timezone.now()
-    return bool(
+    claimed = bool(
         Generation.objects.filter(pk=generation_id, status=Status.QUEUED, cancel_requested=False).update(
             status=Status.RUNNING,
             started_at=now,
@@ -286,13 +295,26 @@ def generation_claim(*, generation_id: Any, worker: str) -> bool:
             preview="",
         )
     )
+    if claimed:
+        announce_change(generation_id)
+    return claimed
 
 
 def _finish(generation_id: Any, status: str, lease: dict[str, Any] | None = None, **fields: Any) -> int:
     """Only the attempt that holds the row (``lease``: its worker and attempt number) finishes it."""
-    return Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
+    done = Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
         status=status, finished_at=timezone.now(), preview="", **fields
     )
+    if done:
+        announce_change(generation_id)
+    return done
+
+
+def announce_change(*generation_ids: Any) -> None:
+    """Tell the event streams that these rows changed, once the change is committed."""
+    from .events import changed
+
+    transaction.on_commit(lambda: changed(*generation_ids))
 
 
 def generation_execute(
@@ -355,6 +377,7 @@ def generation_recover(
                 error={"code": "worker_lost", "message": message, "http_status": 500},
             )
         if changed:
+            announce_change(row.pk)
             # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
             shutil.rmtree(media_root() / generation_dir(row.pk), ignore_errors=True)
             outcome[key].append(row.pk)

@@ -116,10 +116,10 @@ def _claim_many(ids: list[Any], worker: str) -> list[Claimed]:
         )
         # started_at is this claim's own stamp: it tells the rows this UPDATE took.
         taken = Generation.objects.filter(pk__in=ids, status=Status.RUNNING, worker=worker, started_at=now)
-        return [
-            Claimed(pk, {"worker": worker, "attempts": attempts})
-            for pk, attempts in taken.values_list("pk", "attempts")
-        ]
+        claimed = [Claimed(pk, {"worker": worker, "attempts": n}) for pk, n in taken.values_list("pk", "attempts")]
+        if claimed:
+            jobs.announce_change(*[c.id for c in claimed])
+        return claimed
 
 
 # --- the side thread of a running batch --------------------------------------------------------
@@ -137,7 +137,7 @@ class JobMonitor:
         self._ids = {str(m.id): m.id for m in members}
         self._flag = cancel_flag
         self._writers = {key: jobs._ProgressWriter(self._ids[key], lease) for key, lease in self._leases.items()}
-        self._progress: dict[str, tuple[int, int]] = {}
+        self._progress: dict[str, tuple[int, int, float]] = {}
         self._previews: dict[str, tuple[int, int, Any]] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class JobMonitor:
         key = str(generation_id)
 
         def progress(step: int, total: int) -> None:
-            self._progress[key] = (step, total)
+            self._progress[key] = (step, total, time.time())
 
         return progress
 
@@ -232,20 +232,29 @@ class JobMonitor:
             progress = {k: v for k, v in self._progress.items() if k in self._leases}
             previews = {k: v for k, v in self._previews.items() if k in self._leases}
             self._previews.clear()
-        for key, (step, total) in progress.items():
-            if key not in previews:
-                self._writers[key](step, total)
+        written = []
+        for key, value in progress.items():
+            step, total, at = value
+            wrote = key not in previews and self._writers[key](step, total, at)
+            if wrote:
+                written.append(self._ids[key])
+            if wrote or key in previews:
+                with self._lock:
+                    # Written: drop it, unless a newer step came in meanwhile.
+                    if self._progress.get(key) is value:
+                        del self._progress[key]
         for key, (step, total, image) in previews.items():
             lease = self._leases.get(key)
             if lease is None:
                 continue
             data = jobs.preview_b64(image)
-            total = max(total, 1)
+            at = progress.get(key, (0, 0, None))[2]
             Generation.objects.filter(pk=self._ids[key], status=Status.RUNNING, **lease).update(
-                preview=data,
-                progress={"step": step, "total_steps": total, "fraction": round(min(step / total, 1.0), 4)},
-                heartbeat_at=timezone.now(),
+                preview=data, progress=jobs.progress_value(step, total, at), heartbeat_at=timezone.now()
             )
+            written.append(self._ids[key])
+        if written:
+            jobs.announce_change(*written)
 
     def _poll_cancels(self) -> None:
         with self._lock:
