@@ -228,6 +228,9 @@ class ResultsViewSet(
             context = {"request": request, "b64_json": row.response_format == "b64_json"}
             return GenerationSerializer(row, context=context).data
 
+        # Streams of one job whose resource renders alike share the rendered events.
+        completed.key = (request.scheme, request.get_host())  # type: ignore[attr-defined]
+
         last = parse_last_event_id(request.headers.get("Last-Event-ID") or request.query_params.get("last_event_id"))
         response = StreamingHttpResponse(
             EventStream(generation.pk, last_event_id=last, completed=completed, watch=watch, hub=hub),

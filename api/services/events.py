@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -45,6 +45,30 @@ class TooManyStreams(Exception):
 class Snapshot:
     row: dict[str, Any] | None  # None: the row is gone
     queue_position: int | None = None
+    # The events rendered from this snapshot, shared by every stream that follows the job:
+    # (last id seen, preview already sent?, how the resource is rendered) -> events.
+    rendered: dict[tuple[Any, ...], list[tuple[str, int, str, str]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def render(self, last: int, sent_preview: str, completed: Any) -> list[tuple[str, int, str, str]]:
+        """(event, id, wire text, preview sent) for a stream that has seen up to ``last``."""
+        preview = (self.row or {}).get("preview") or ""
+        key = (last, bool(preview) and preview == sent_preview, getattr(completed, "key", id(completed)))
+        with self.lock:
+            found = self.rendered.get(key)
+            if found is None:
+                found = self.rendered[key] = [
+                    (
+                        event,
+                        event_id,
+                        format_event(event, event_id, data),
+                        data.get("preview", "") if event == "progress" else "",
+                    )
+                    for event, event_id, data in _events(self, last, sent_preview, completed)
+                ]
+            return found
 
 
 class _Watch:
@@ -266,11 +290,10 @@ def stream(
         seen = watch.version
         while True:
             if snapshot is not None:
-                for event, event_id, data in _events(snapshot, last, sent_preview, completed):
-                    yield format_event(event, event_id, data)
+                for _event, event_id, text, preview in snapshot.render(last, sent_preview, completed):
+                    yield text
                     last = max(last, event_id)
-                    if event == "progress" and data.get("preview"):
-                        sent_preview = data["preview"]
+                    sent_preview = preview or sent_preview
                     if event_id == TERMINAL_ID:
                         return
             remaining = deadline - time.monotonic()
