@@ -194,7 +194,7 @@ def _common(data: Mapping[str, Any], req: ImagesRequest) -> None:
         # A multipart form (edits, variations) carries the list as a JSON string.
         try:
             fields["loras"] = json.loads(fields["loras"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise invalid("loras", 'loras must be a JSON list like [{"name": "x", "weight": 0.8}]') from None
     req.steps_given = "steps" in fields
     if not req.steps_given:

@@ -8,6 +8,7 @@ row was created.
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -316,3 +317,19 @@ def test_exif_orientation_is_applied_to_uploads():
     img.save(buf, format="JPEG", exif=exif)
     opened = open_image(buf.getvalue(), max_bytes=10**6, max_pixels=10**6)
     assert opened.size == (64, 80)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/txt2img/", "/v1/images/generations", "/sdapi/v1/txt2img", "/models/tiny-sd"])
+def test_a_body_nested_thousands_deep_is_a_400_in_the_protocols_shape_and_creates_nothing(path, api):
+    from api.models import Generation
+
+    body = '{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "inputs": "x"}'
+    r = api.post(path, body, content_type="application/json")
+    # A1111 answers a body it can't parse as FastAPI does (422); the others 400.
+    assert r.status_code == (422 if path.startswith("/sdapi/") else 400), (r.status_code, r.content[:300])
+    data = r.json()
+    assert isinstance(data, dict) and data  # the protocol's own error shape, whichever it is
+    text = json.dumps(data)
+    assert "nested too deeply" in text or "not valid JSON" in text
+    assert Generation.objects.count() == 0
