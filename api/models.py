@@ -5,6 +5,15 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.utils import timezone
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: "whsec_" + base64 of 24 random bytes."""
+    import base64
+    import secrets
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode("ascii")
 
 
 class Status(models.TextChoices):
@@ -54,6 +63,11 @@ class Generation(models.Model):
     owner = models.ForeignKey("ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="generations")
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     request_fingerprint = models.CharField(max_length=64, blank=True, default="")
+    # Signed webhook of the job's end (api/services/webhooks.py): where, for which events, and the
+    # base URL its request came through (so image URLs in the payload are absolute).
+    webhook_url = models.CharField(max_length=2048, blank=True, default="")
+    webhook_events = models.JSONField(default=list, blank=True)
+    webhook_base_url = models.CharField(max_length=512, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -106,6 +120,8 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Standard Webhooks secret ("whsec_" + base64) that signs this key's webhook deliveries.
+    webhook_secret = models.CharField(max_length=128, blank=True, default=new_webhook_secret)
 
     class Meta:
         ordering = ["-created_at"]
@@ -133,3 +149,30 @@ class ClientState(models.Model):
 
     def __str__(self) -> str:
         return self.scope
+
+
+class WebhookDelivery(models.Model):
+    """One webhook message (a job's end), sent at least once: the outbox row of its delivery."""
+
+    PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+    generation = models.ForeignKey(Generation, related_name="webhook_deliveries", on_delete=models.CASCADE)
+    event = models.CharField(max_length=16)
+    url = models.CharField(max_length=2048)
+    msg_id = models.CharField(max_length=80, unique=True)  # webhook-id: the same on every retry
+    state = models.CharField(max_length=16, default=PENDING, db_index=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now, db_index=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True, default="")
+    log = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "api_webhook_delivery"
+        constraints = [models.UniqueConstraint(fields=["generation", "event"], name="one_delivery_per_event")]
+
+    def __str__(self) -> str:
+        return f"{self.event} of {self.generation_id} -> {self.state}"

@@ -37,7 +37,7 @@ def model_catalog() -> dict[str, ModelSpec]:
 
 def generation_list(*, viewer: ApiKey | None = None) -> QuerySet[Generation]:
     """What ``viewer`` may see: a key its own results, a staff key (or no key, with auth off) all."""
-    rows = Generation.objects.prefetch_related("images").order_by("-created_at", "-id")
+    rows = Generation.objects.prefetch_related("images", "webhook_deliveries").order_by("-created_at", "-id")
     if viewer is not None and not viewer.is_staff:
         rows = rows.filter(owner=viewer)
     return rows

@@ -97,6 +97,13 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
     scheduler = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     response_format = serializers.ChoiceField(choices=["url", "b64_json"], required=False, default="url")
     loras = serializers.ListField(child=LoraRequestSerializer(), required=False, default=list, max_length=64)
+    webhook_url = serializers.CharField(required=False, max_length=2048, allow_blank=False)
+    webhook_events = serializers.ListField(
+        child=serializers.ChoiceField(choices=["completed", "failed", "cancelled"]),
+        required=False,
+        allow_empty=False,
+        max_length=3,
+    )
 
     def get_fields(self) -> dict[str, serializers.Field]:
         fields = super().get_fields()
@@ -396,6 +403,11 @@ class ImageSerializer(serializers.ModelSerializer):
     def get_url(self, obj: GeneratedImage) -> str:
         url = settings.MEDIA_URL + obj.file
         request = self.context.get("request")
+        if request is None and self.context.get("base_url"):
+            # A webhook payload: absolute against the address the job's request came through.
+            from urllib.parse import urljoin
+
+            return urljoin(self.context["base_url"], url)
         return request.build_absolute_uri(url) if request is not None else url
 
 
@@ -404,6 +416,7 @@ class GenerationSerializer(serializers.ModelSerializer):
     progress = serializers.SerializerMethodField()
     params = serializers.JSONField(read_only=True)
     error = serializers.SerializerMethodField()
+    webhook = serializers.SerializerMethodField()
 
     class Meta:
         model = Generation
@@ -424,7 +437,28 @@ class GenerationSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
             "timings",
+            "webhook",
         ]
+
+    @extend_schema_field({"type": "object", "nullable": True})
+    def get_webhook(self, obj: Generation) -> dict[str, Any] | None:
+        """The webhook the request asked for, and each delivery's state and attempts."""
+        if not obj.webhook_url:
+            return None
+        deliveries = [
+            {
+                "event": d.event,
+                "id": d.msg_id,
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_status_code": d.last_status_code,
+                "last_error": d.last_error or None,
+                "next_attempt_at": d.next_attempt_at if d.state == "pending" else None,
+                "delivered_at": d.delivered_at,
+            }
+            for d in obj.webhook_deliveries.all()
+        ]
+        return {"url": obj.webhook_url, "events": obj.webhook_events, "deliveries": deliveries}
 
     @extend_schema_field(ImageSerializer(many=True))
     def get_images(self, obj: Generation) -> list[dict[str, Any]]:

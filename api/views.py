@@ -43,7 +43,7 @@ from .serializers import (
     InpaintRequestSerializer,
     Txt2ImgRequestSerializer,
 )
-from .services import jobs, system
+from .services import jobs, system, webhooks
 from .services.events import EventStream, TooManyStreams, get_hub, parse_last_event_id
 
 
@@ -91,12 +91,22 @@ class _GenerateView(APIView):
         serializer = self.serializer_class(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        owner = request_key(request)
+        webhook = None
+        if data.get("webhook_url"):
+            webhook = webhooks.webhook_request(
+                url=data["webhook_url"],
+                events=data.get("webhook_events"),
+                owner=owner,
+                base_url=request.build_absolute_uri("/"),
+            )
         generation, _created = jobs.generation_create(
             params=data["resolved"],
             init_image=data.get("image"),
             mask_image=data.get("mask"),
             response_format=data.get("response_format", "url"),
-            owner=request_key(request),
+            owner=owner,
+            webhook=webhook,
             idempotency_key=idempotency_key,
             fingerprint=_fingerprint(serializer.kind, data) if idempotency_key else "",
         )

@@ -211,6 +211,22 @@ SSE_PING_INTERVAL = _wrap(env_float, env, "SSE_PING_INTERVAL", 15.0, minimum=0.0
 SSE_POLL_INTERVAL = _wrap(env_float, env, "SSE_POLL_INTERVAL", 0.5, minimum=0.01)
 SSE_MAX_DURATION = _wrap(env_float, env, "SSE_MAX_DURATION", 3600.0, minimum=1.0)
 SSE_RETRY_MS = _wrap(env_int, env, "SSE_RETRY_MS", 2000, minimum=0)
+# Webhooks (a request's webhook_url): targets on private, loopback or link-local addresses are
+# refused unless WEBHOOK_ALLOW_PRIVATE; WEBHOOK_SECRET ("whsec_" + base64) signs the deliveries of
+# requests made without an API key (with a key, the key's own secret signs). Each delivery is
+# tried up to WEBHOOK_MAX_ATTEMPTS times, waiting WEBHOOK_RETRY_DELAYS seconds between tries.
+WEBHOOK_ALLOW_PRIVATE = _wrap(env_bool, env, "WEBHOOK_ALLOW_PRIVATE", False)
+WEBHOOK_SECRET = env.get("WEBHOOK_SECRET", "").strip()
+WEBHOOK_TIMEOUT = _wrap(env_float, env, "WEBHOOK_TIMEOUT", 10.0, minimum=0.1)
+WEBHOOK_MAX_ATTEMPTS = _wrap(env_int, env, "WEBHOOK_MAX_ATTEMPTS", 8, minimum=1, maximum=100)
+WEBHOOK_RETRY_DELAYS = [
+    float(x) for x in (env.get("WEBHOOK_RETRY_DELAYS", "").strip() or "5,30,120,600,1800,3600,7200").split(",")
+]
+WEBHOOK_POLL_INTERVAL = _wrap(env_float, env, "WEBHOOK_POLL_INTERVAL", 2.0, minimum=0.01)
+if WEBHOOK_SECRET and not WEBHOOK_SECRET.startswith("whsec_"):
+    raise ImproperlyConfigured(
+        'WEBHOOK_SECRET must look like "whsec_" + base64 (manage.py rotate_webhook_secret prints one)'
+    )
 
 GENERATION_LIMITS = {
     "MIN_SIZE": _wrap(env_int, env, "MIN_IMAGE_SIZE", 64, minimum=8),

@@ -285,6 +285,9 @@ def start_recovery() -> None:
     if _recovery_thread is None or not _recovery_thread.is_alive():
         _recovery_thread = threading.Thread(target=_recovery_loop, name="job-recovery", daemon=True)
         _recovery_thread.start()
+    from .webhooks import start_dispatcher
+
+    start_dispatcher()
 
 
 def _recovery_loop() -> None:

@@ -91,6 +91,9 @@ class ThreadExecutor:
         for pk in pending:
             self.submit(pk)
         self._start_recovery_loop()
+        from .webhooks import start_dispatcher
+
+        start_dispatcher()
 
     def _start_recovery_loop(self) -> None:
         """Keep looking for orphans after start-up: a process that died while this one was

@@ -88,6 +88,7 @@ def generation_create(
     owner: ApiKey | None = None,
     idempotency_key: str | None = None,
     fingerprint: str = "",
+    webhook: dict[str, Any] | None = None,
 ) -> tuple[Generation, bool]:
     """Store the job and hand it to the executor once committed; nothing half-written on failure.
 
@@ -131,6 +132,7 @@ def generation_create(
                 owner=owner,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
+                **(webhook or {}),
             )
             transaction.on_commit(lambda: executor.submit(generation_id))
     except IntegrityError:
@@ -202,12 +204,18 @@ def generation_cancel(*, generation: Generation) -> Generation:
         )
     now = timezone.now()
     # A queued job is cancelled on the spot: the claim in generation_execute then fails.
-    if Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
-        status=Status.CANCELLED,
-        cancel_requested=True,
-        finished_at=now,
-        error={"code": "cancelled", "message": "cancelled before it started"},
-    ):
+    with transaction.atomic():
+        cancelled_queued = Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
+            status=Status.CANCELLED,
+            cancel_requested=True,
+            finished_at=now,
+            error={"code": "cancelled", "message": "cancelled before it started"},
+        )
+        if cancelled_queued:
+            from .webhooks import schedule
+
+            schedule(generation.pk, Status.CANCELLED)
+    if cancelled_queued:
         _remove_files(generation)
         announce_change(generation.id)
         get_executor().notify_finished(generation.id)
@@ -302,11 +310,16 @@ def generation_claim(*, generation_id: Any, worker: str) -> bool:
 
 def _finish(generation_id: Any, status: str, lease: dict[str, Any] | None = None, **fields: Any) -> int:
     """Only the attempt that holds the row (``lease``: its worker and attempt number) finishes it."""
-    done = Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
-        status=status, finished_at=timezone.now(), preview="", **fields
-    )
-    if done:
-        announce_change(generation_id)
+    from .webhooks import schedule
+
+    with transaction.atomic():
+        done = Generation.objects.filter(pk=generation_id, status=Status.RUNNING, **(lease or {})).update(
+            status=status, finished_at=timezone.now(), preview="", **fields
+        )
+        if done:
+            # The webhook's outbox row is written with the end itself: it can't be lost between.
+            schedule(generation_id, status)
+            announce_change(generation_id)
     return done
 
 
@@ -353,29 +366,35 @@ def generation_recover(
             continue
         held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
         now = timezone.now()
-        if row.cancel_requested:
-            key = "cancelled"
-            changed = held.update(
-                status=Status.CANCELLED,
-                finished_at=now,
-                preview="",
-                error={"code": "cancelled", "message": "cancelled while its worker was lost"},
-            )
-        elif row.attempts < max_attempts:
-            key = "requeued"
-            # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
-            changed = held.filter(cancel_requested=False).update(
-                status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
-            )
-        else:
-            key = "failed"
-            message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
-            changed = held.update(
-                status=Status.FAILED,
-                finished_at=now,
-                preview="",
-                error={"code": "worker_lost", "message": message, "http_status": 500},
-            )
+        with transaction.atomic():
+            if row.cancel_requested:
+                key = "cancelled"
+                changed = held.update(
+                    status=Status.CANCELLED,
+                    finished_at=now,
+                    preview="",
+                    error={"code": "cancelled", "message": "cancelled while its worker was lost"},
+                )
+            elif row.attempts < max_attempts:
+                key = "requeued"
+                # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
+                changed = held.filter(cancel_requested=False).update(
+                    status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
+                )
+            else:
+                key = "failed"
+                message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
+                changed = held.update(
+                    status=Status.FAILED,
+                    finished_at=now,
+                    preview="",
+                    error={"code": "worker_lost", "message": message, "http_status": 500},
+                )
+            if changed:
+                if key != "requeued":
+                    from .webhooks import schedule
+
+                    schedule(row.pk, Status.FAILED if key == "failed" else Status.CANCELLED)
         if changed:
             announce_change(row.pk)
             # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.

@@ -16,3 +16,7 @@ class Command(BaseCommand):
             f"Created API key #{row.pk} '{row.name}'{' (staff)' if staff else ''}. It is shown only once:"
         )
         self.stdout.write(key)
+        self.stderr.write(
+            f"Its webhook signing secret (Standard Webhooks; manage.py rotate_webhook_secret makes a new one): "
+            f"{row.webhook_secret}"
+        )
