@@ -401,14 +401,10 @@ class ImageSerializer(serializers.ModelSerializer):
         fields = ["url", "seed", "width", "height", "index"]
 
     def get_url(self, obj: GeneratedImage) -> str:
-        url = settings.MEDIA_URL + obj.file
-        request = self.context.get("request")
-        if request is None and self.context.get("base_url"):
-            # A webhook payload: absolute against the address the job's request came through.
-            from urllib.parse import urljoin
+        from . import storage
 
-            return urljoin(self.context["base_url"], url)
-        return request.build_absolute_uri(url) if request is not None else url
+        # A webhook payload has no request: absolute against the address the job's request came through.
+        return storage.url(obj.file, self.context.get("request"), self.context.get("base_url", ""))
 
 
 class GenerationSerializer(serializers.ModelSerializer):

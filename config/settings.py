@@ -131,6 +131,33 @@ MEDIA_URL = env.get("MEDIA_URL", "/media/")
 # Relative paths are relative to the project, not to wherever a process was started.
 MEDIA_ROOT = BASE_DIR / env.get("MEDIA_ROOT", "media")
 SERVE_MEDIA = _wrap(env_bool, env, "SERVE_MEDIA", True)
+# Where generated and uploaded images are kept: the local MEDIA_ROOT, or an S3-compatible bucket
+# through django-storages, configured with its own names (AWS_STORAGE_BUCKET_NAME,
+# AWS_S3_ENDPOINT_URL for MinIO/R2/..., AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_S3_REGION_NAME, AWS_LOCATION as a key prefix, AWS_S3_CUSTOM_DOMAIN). Image URLs are
+# presigned (AWS_QUERYSTRING_AUTH=true, valid AWS_QUERYSTRING_EXPIRE seconds) or public.
+MEDIA_STORAGE = _wrap(env_choice, env, "MEDIA_STORAGE", "local", ("local", "s3"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+if MEDIA_STORAGE == "s3":
+    AWS_STORAGE_BUCKET_NAME = env.get("AWS_STORAGE_BUCKET_NAME", "").strip()
+    if not AWS_STORAGE_BUCKET_NAME:
+        raise ImproperlyConfigured("MEDIA_STORAGE=s3 needs AWS_STORAGE_BUCKET_NAME")
+    AWS_S3_ENDPOINT_URL = env.get("AWS_S3_ENDPOINT_URL", "").strip() or None
+    AWS_ACCESS_KEY_ID = env.get("AWS_ACCESS_KEY_ID", "").strip() or None
+    AWS_SECRET_ACCESS_KEY = env.get("AWS_SECRET_ACCESS_KEY", "").strip() or None
+    AWS_S3_REGION_NAME = env.get("AWS_S3_REGION_NAME", "").strip() or None
+    AWS_LOCATION = env.get("AWS_LOCATION", "").strip()
+    AWS_S3_CUSTOM_DOMAIN = env.get("AWS_S3_CUSTOM_DOMAIN", "").strip() or None
+    AWS_QUERYSTRING_AUTH = _wrap(env_bool, env, "AWS_QUERYSTRING_AUTH", True)
+    AWS_QUERYSTRING_EXPIRE = _wrap(env_int, env, "AWS_QUERYSTRING_EXPIRE", 3600, minimum=1)
+    AWS_S3_ADDRESSING_STYLE = env.get("AWS_S3_ADDRESSING_STYLE", "").strip() or None
+    # Names are the server's own and unique: overwrite (a retried job rewrites its own images).
+    AWS_S3_FILE_OVERWRITE = True
+    AWS_DEFAULT_ACL = None
+    STORAGES["default"] = {"BACKEND": "storages.backends.s3.S3Storage"}
 
 # --- REST framework -------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -24,8 +23,9 @@ from rest_framework.exceptions import NotFound
 
 from backend.params import GenerationParams
 
+from .. import storage
 from ..exceptions import ApiError, Conflict, ServiceUnavailable
-from ..images import png_bytes, write_atomic
+from ..images import png_bytes
 from ..models import FINISHED, ApiKey, GeneratedImage, Generation, Status
 
 log = logging.getLogger("api.jobs")
@@ -71,11 +71,11 @@ def generation_dir(generation_id: Any) -> str:
 def _remove_inputs(*names: str) -> None:
     for name in names:
         if name:
-            (media_root() / name).unlink(missing_ok=True)
+            storage.delete(name)
 
 
 def _remove_files(generation: Generation) -> None:
-    shutil.rmtree(media_root() / generation_dir(generation.id), ignore_errors=True)
+    storage.delete_prefix(generation_dir(generation.id))
     _remove_inputs(generation.input_image, generation.mask_image)
 
 
@@ -106,11 +106,11 @@ def generation_create(
     # Re-encoded under server-made names: nothing of the upload's name or format survives.
     if init_image is not None:
         input_name = f"inputs/{generation_id}.png"
-        write_atomic(media_root(), input_name, png_bytes(init_image.convert("RGB")))
+        storage.save(input_name, png_bytes(init_image.convert("RGB")))
     if mask_image is not None:
         mask_name = f"inputs/{generation_id}-mask.png"
         try:
-            write_atomic(media_root(), mask_name, png_bytes(mask_image.convert("L")))
+            storage.save(mask_name, png_bytes(mask_image.convert("L")))
         except BaseException:
             _remove_inputs(input_name)
             raise
@@ -242,12 +242,12 @@ def generation_delete(*, generation: Generation) -> None:
     # Row first: a worker finishing right now then matches no row and removes what it wrote.
     generation_id, inputs = generation.id, (generation.input_image, generation.mask_image)
     generation.delete()  # (this clears generation.id)
-    shutil.rmtree(media_root() / generation_dir(generation_id), ignore_errors=True)
+    storage.delete_prefix(generation_dir(generation_id))
     _remove_inputs(*inputs)
 
 
 def image_bytes(image: GeneratedImage) -> bytes:
-    return (media_root() / image.file).read_bytes()
+    return storage.read(image.file)
 
 
 def image_b64(image: GeneratedImage) -> str:
@@ -398,7 +398,7 @@ def generation_recover(
         if changed:
             announce_change(row.pk)
             # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
-            shutil.rmtree(media_root() / generation_dir(row.pk), ignore_errors=True)
+            storage.delete_prefix(generation_dir(row.pk))
             outcome[key].append(row.pk)
             log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
     return outcome

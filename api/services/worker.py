@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +34,8 @@ from backend.errors import EngineError, GenerationCancelled
 from backend.params import BatchMember, GenerationOutput, GenerationParams, batch_key
 from backend.router import get_backend
 
-from ..images import parameters_text, png_bytes, write_atomic
+from .. import storage
+from ..images import parameters_text, png_bytes
 from ..models import FINISHED, GeneratedImage, Generation, Status
 from . import jobs
 
@@ -525,7 +525,9 @@ def _generate_one(backend: Any, member: BatchMember) -> Any:
 def _read_input(name: str, mode: str) -> Image.Image | None:
     if not name:
         return None
-    with Image.open(jobs.media_root() / name) as img:
+    import io
+
+    with Image.open(io.BytesIO(storage.read(name))) as img:
         return img.convert(mode)
 
 
@@ -582,7 +584,7 @@ def _save(member: _Member, output: GenerationOutput, run_s: float) -> str:
             jobs._finish(generation_id, Status.FAILED, lease, error=error)
         finally:
             if not Generation.objects.filter(pk=row.pk, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
-                shutil.rmtree(jobs.media_root() / folder, ignore_errors=True)
+                storage.delete_prefix(folder)
         return Status.FAILED
 
 
@@ -596,7 +598,7 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
     for index, item in enumerate(output.images):
         name = f"{folder}/{index}-{item.seed}.png"
         data = png_bytes(item.image, text={"parameters": parameters_text(params, item.seed)})
-        write_atomic(jobs.media_root(), name, data)
+        storage.save(name, data)
         written.append(
             GeneratedImage(
                 generation_id=generation_id,
@@ -633,7 +635,7 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
         # row that another attempt now runs or finished keeps the folder: its images have
         # the same names, and removing them would break that attempt's result.
         if not Generation.objects.filter(pk=generation_id, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
-            shutil.rmtree(jobs.media_root() / folder, ignore_errors=True)
+            storage.delete_prefix(folder)
         return Status.CANCELLED
     return Status.SUCCEEDED
 

@@ -13,6 +13,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from api import storage
 from api.models import Generation
 from api.selectors import model_catalog
 from api.services import jobs
@@ -66,7 +67,7 @@ class ImagesView(OpenAIView):
         data = []
         for image in generation.images.order_by("index"):
             if req.response_format == "url":
-                data.append({"url": self.request.build_absolute_uri(settings.MEDIA_URL + image.file)})
+                data.append({"url": storage.url(image.file, self.request)})
             else:
                 png = jobs.image_bytes(image)
                 data.append({"b64_json": encode_b64(png, output_format=req.output_format, compression=req.compression)})

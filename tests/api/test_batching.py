@@ -135,16 +135,18 @@ def test_the_device_moves_on_while_the_last_images_are_saved(tiny_model_dirs, mo
 def test_a_full_disk_fails_the_job_typed_leaves_no_files_and_the_next_job_runs(tiny_model_dirs, monkeypatch):
     """ENOSPC can't be made to happen here on demand: the storage write raises it (the only patch)."""
     full, next_one = queued("full", 1, num_images=2), queued("next", 2, steps=3)
-    real = worker_module.write_atomic
+    from api import storage
+
+    real = storage.save
     written: list[str] = []
 
-    def write_atomic(root, relative, data):  # noqa: ANN001, ANN202
-        if str(full.pk) in relative and written:
+    def save(name, data):  # noqa: ANN001, ANN202
+        if str(full.pk) in name and written:
             raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(relative)
-        return real(root, relative, data)
+        written.append(name)
+        return real(name, data)
 
-    monkeypatch.setattr(worker_module, "write_atomic", write_atomic)
+    monkeypatch.setattr(storage, "save", save)
     me = worker_identity("thread")
     assert generation_execute(generation_id=full.pk, worker=me) == Status.FAILED
     g = Generation.objects.get(pk=full.pk)
