@@ -79,3 +79,25 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 # Behind a proxy that sets X-Forwarded-*: the addresses it connects from.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+# --- Metrics (GET /metrics): the processes write into one folder, PROMETHEUS_MULTIPROC_DIR ----
+# (a folder made for this run when it is unset). api/metrics/files.py has the details.
+def on_starting(server: object) -> None:
+    # Before any process is forked: what processes of an earlier run left there is removed.
+    from api.metrics import files
+
+    files.prepare()
+
+
+def child_exit(server: object, worker: object) -> None:
+    # A process ended: its live gauges go from the sums; its counters stay in the totals.
+    from api.metrics import files
+
+    files.mark_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    from api.metrics import files
+
+    files.cleanup()

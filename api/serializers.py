@@ -475,6 +475,7 @@ class GenerationSerializer(serializers.ModelSerializer):
 
     def get_progress(self, obj: Generation) -> dict[str, Any] | None:
         progress = dict(obj.progress or {})
+        progress.pop("at", None)  # when the step ended: for the event stream's latency, not the resource
         if obj.status == "queued":
             from .selectors import queue_position
 

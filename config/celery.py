@@ -77,6 +77,39 @@ def make_app(broker_url: str | None = None) -> Celery:
 app = make_app()
 
 
+@signals.celeryd_init.connect
+def _prepare_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process, before the pool starts: the metrics folder for its processes, with
+    # the files of this worker's processes that are gone removed (api/metrics/files.py).
+    from api import metrics
+
+    metrics.celery_worker_starting(sender if isinstance(sender, str) else None)
+
+
+@signals.worker_process_init.connect
+def _record_metrics_in_pool_process(sender: Any = None, **_: Any) -> None:
+    from api import metrics
+
+    metrics.celery_process_started(sender if isinstance(sender, str) else None)
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _drop_live_metrics(**_: Any) -> None:
+    from api import metrics
+
+    metrics.celery_process_stopping()
+
+
+@signals.worker_ready.connect
+def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
+    # WORKER_METRICS_PORT: this worker's own /metrics, for a Prometheus that can't read the web
+    # server's folder (a worker on another machine). Started after the pool's first fork.
+    from api import metrics
+
+    metrics.serve_worker_metrics(getattr(sender, "hostname", None))
+
+
 @signals.worker_process_init.connect
 def _preload_in_pool_process(sender: Any = None, **_: Any) -> None:
     # The process that runs jobs (the solo worker, or the prefork child) loads PRELOAD_MODELS

@@ -58,6 +58,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so it counts and times every answer, those of the other middleware included.
+    "api.metrics.middleware.RequestMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "api.middleware.RequestSizeLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -395,6 +397,27 @@ SILENCED_SYSTEM_CHECKS = [
     # to undo, so it is opt-in (SECURE_HSTS_PRELOAD=true), not a default.
     "security.W021",
 ]
+
+# --- Metrics (Prometheus, GET /metrics) ------------------------------------------------------
+# A bearer token that opens /metrics by itself, for a Prometheus scraper. Set, /metrics needs it
+# (or an API key); empty, /metrics is open or closed like the API (AUTH_REQUIRED).
+# PROMETHEUS_MULTIPROC_DIR (read by prometheus_client itself) is the folder the processes share.
+METRICS_TOKEN = env.get("METRICS_TOKEN", "").strip()
+if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured(f"METRICS_TOKEN must be at least 16 characters, got {len(METRICS_TOKEN)}")
+# A Celery worker serves its own /metrics on this port (0: off), for a worker on a machine of
+# its own; workers beside the web server write into its PROMETHEUS_MULTIPROC_DIR instead.
+WORKER_METRICS_PORT = _wrap(env_int, env, "WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
+WORKER_METRICS_ADDR = env.get("WORKER_METRICS_ADDR", "0.0.0.0").strip() or "0.0.0.0"
+try:
+    import ipaddress
+
+    ipaddress.ip_address(WORKER_METRICS_ADDR)
+except ValueError:
+    raise ImproperlyConfigured(f"WORKER_METRICS_ADDR must be an IP address, got {WORKER_METRICS_ADDR!r}") from None
+if ENVIRONMENT == "production":
+    # Prometheus scrapes the container over plain HTTP, like the liveness probe.
+    SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
 
 # --- Logging: console, verbose -------------------------------------------------------------
 LOG_LEVEL = env.get("LOG_LEVEL", "INFO").upper()

@@ -6,6 +6,8 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from api.metrics.views import metrics_view
+
 # Under /api/, a URL that matches no route and an error outside a view answer in JSON too.
 handler400 = "api.exceptions.bad_request_view"
 handler403 = "api.exceptions.permission_denied_view"
@@ -21,6 +23,8 @@ urlpatterns = [
     path("", include("protocols.openai_images.urls")),  # /v1/...
     path("", include("protocols.a1111.urls")),  # /sdapi/v1/... and /internal/ping
     path("", include("protocols.hf_task.urls")),  # /models/<model_id>
+    # Prometheus' default scrape path (docs/deployment.md, "Metrics").
+    path("metrics", metrics_view, name="metrics"),
 ]
 
 if settings.SERVE_MEDIA:

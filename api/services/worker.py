@@ -34,7 +34,7 @@ from backend.errors import EngineError, GenerationCancelled
 from backend.params import BatchMember, GenerationOutput, GenerationParams, batch_key
 from backend.router import get_backend
 
-from .. import storage
+from .. import metrics, storage
 from ..images import parameters_text, png_bytes
 from ..models import FINISHED, GeneratedImage, Generation, Status
 from . import jobs
@@ -459,6 +459,7 @@ def _run(
         row = rows.get(str(c.id))
         if row is None:
             continue  # deleted since the claim: nothing to run or write
+        metrics.job_claimed(row)
         member = _Member(claimed=c, row=row, params=GenerationParams.from_dict(row.params))
         try:
             member.init_image = _read_input(row.input_image, "RGB")
@@ -483,6 +484,7 @@ def _run(
         )
         for m in runnable
     ]
+    metrics.pipeline_started()
     t0 = time.perf_counter()
     results: list[Any]
     try:
@@ -496,6 +498,7 @@ def _run(
         log.exception("generation of %s crashed", [str(m.claimed.id) for m in runnable])
         results = [exc] * len(batch)
     run_s = time.perf_counter() - t0
+    metrics.pipeline_ended()
     for member, result in zip(runnable, results, strict=True):
         key = str(member.claimed.id)
         if isinstance(result, GenerationOutput):
@@ -533,6 +536,7 @@ def _read_input(name: str, mode: str) -> Image.Image | None:
 
 def _fail(member: _Member, error: BaseException) -> str:
     generation_id, lease = member.claimed.id, member.claimed.lease
+    metrics.job_failed(member.row, error)
     if isinstance(error, GenerationCancelled):
         jobs._finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(error)})
         return Status.CANCELLED
@@ -581,6 +585,7 @@ def _save(member: _Member, output: GenerationOutput, run_s: float) -> str:
                 "http_status": 500,
             }
         try:
+            metrics.job_failed(row, exc)
             jobs._finish(generation_id, Status.FAILED, lease, error=error)
         finally:
             if not Generation.objects.filter(pk=row.pk, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
@@ -637,6 +642,7 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
         if not Generation.objects.filter(pk=generation_id, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
             storage.delete_prefix(folder)
         return Status.CANCELLED
+    metrics.job_succeeded(row, timings, images=len(written))
     return Status.SUCCEEDED
 
 
