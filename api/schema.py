@@ -187,6 +187,23 @@ class ParamsDocSerializer(serializers.Serializer):
         ref_name = "GenerationParams"
 
 
+class WebhookDeliveryDocSerializer(serializers.Serializer):
+    event = serializers.ChoiceField(choices=["completed", "failed", "cancelled"])
+    id = serializers.CharField(help_text="The webhook-id header: the same on every retry of this message.")
+    state = serializers.ChoiceField(choices=["pending", "delivered", "failed"])
+    attempts = serializers.IntegerField(min_value=0)
+    last_status_code = serializers.IntegerField(allow_null=True)
+    last_error = serializers.CharField(allow_null=True)
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
+    delivered_at = serializers.DateTimeField(allow_null=True)
+
+
+class WebhookDocSerializer(serializers.Serializer):
+    url = serializers.CharField()
+    events = serializers.ListField(child=serializers.ChoiceField(choices=["completed", "failed", "cancelled"]))
+    deliveries = WebhookDeliveryDocSerializer(many=True)
+
+
 class GenerationDocSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed", "cancelled"])
@@ -206,6 +223,9 @@ class GenerationDocSerializer(serializers.Serializer):
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
     timings = serializers.DictField(child=serializers.FloatField(), help_text="Seconds per stage.")
+    webhook = WebhookDocSerializer(
+        allow_null=True, help_text="The webhook the request asked for and its deliveries; null without one."
+    )
 
 
 class GenerationSchema(OpenApiSerializerExtension):

@@ -190,6 +190,8 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # The native API under /api/; the foreign protocols are documented in docs/compat.md.
     "PREPROCESSING_HOOKS": ["api.schema.native_endpoints_only"],
+    # One name for the webhook events, which the request, the resource and its deliveries share.
+    "ENUM_NAME_OVERRIDES": {"WebhookEventEnum": ["completed", "failed", "cancelled"]},
 }
 # Errors raised before any view runs (an oversized body, an unknown path) under /v1/,
 # /sdapi/ and /models/ answer in that protocol's shape.

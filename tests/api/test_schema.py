@@ -139,6 +139,8 @@ def test_request_bodies_carry_every_field_and_the_content_types() -> None:
         "response_format",
         "async",
         "loras",
+        "webhook_url",
+        "webhook_events",
     } == set(request["properties"])
     assert request["properties"]["async"]["type"] == "boolean"
     for name in ("Img2ImgRequest", "Img2ImgUploadRequest"):
