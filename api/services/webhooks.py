@@ -303,14 +303,17 @@ def start_dispatcher() -> None:
 
 
 def _loop() -> None:
+    backoff = 0.0
     while True:
-        _wake.wait(settings.WEBHOOK_POLL_INTERVAL)
+        _wake.wait(settings.WEBHOOK_POLL_INTERVAL + backoff)
         _wake.clear()
         try:
             while deliver_due():
                 pass
-        except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
-            log.exception("webhook dispatch failed")
+            backoff = 0.0
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive a database outage
+            backoff = min(backoff * 2 or 1.0, 30.0)
+            log.warning("webhook dispatch failed (%s: %s); retrying in %.0fs", type(exc).__name__, exc, backoff)
         finally:
             connection.close()
             close_old_connections()
