@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import SuspiciousOperation
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, QueryDict
 from rest_framework import exceptions
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -166,7 +166,8 @@ class ProtocolView(APIView):
 def json_body(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, or a Problem naming what is wrong with it."""
     data = request.data
-    if not isinstance(data, Mapping):
+    if not isinstance(data, Mapping) or isinstance(data, QueryDict):
+        # A form or multipart body (a QueryDict) is not JSON: its files can't be read as fields.
         raise Problem(400, "invalid_request", "the request body must be a JSON object")
     return dict(data.items()) if not isinstance(data, dict) else data
 

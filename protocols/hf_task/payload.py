@@ -92,7 +92,7 @@ def body_parts(body: bytes, content_type: str) -> tuple[Any, dict[str, Any], byt
     if mime == "application/json" or (not mime.startswith("image/") and stripped[:1] in (b"{", b'"')):
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a number past Python's digit limit
             raise invalid("inputs", "the request body is not valid JSON") from None
         if isinstance(data, str):
             return data, {}, None  # a JSON string is the prompt, as on HF
