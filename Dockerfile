@@ -17,12 +17,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     ENV_FILE=none \
     HF_HOME=/data/huggingface \
     MEDIA_ROOT=/data/media \
-    TINY_MODELS_DIR=/data/tiny-models
+    TINY_MODELS_DIR=/data/tiny-models \
+    # COMPILE's caches (inductor's kernels, saved compile artifacts): a volume keeps them across restarts.
+    COMPILE_CACHE_DIR=/data/compile
 
 WORKDIR /app
 
+# A C compiler: torch.compile (COMPILE=...) builds its kernels' launchers with it.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN useradd --create-home --uid 1000 app \
- && mkdir -p /data/huggingface /data/media /data/tiny-models \
+ && mkdir -p /data/huggingface /data/media /data/tiny-models /data/compile \
  && chown -R app:app /data
 
 # torch first and on its own: a bare torch requirement could otherwise pull another build.

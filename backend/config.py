@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .devices import parse_device
+from .devices import COMPILE_MODES, parse_device
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -98,6 +98,35 @@ def env_model_map(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
+_SHAPE_LIMITS = {"size": (64, 4096), "batch": (1, 64)}
+
+
+def parse_compile_shapes(raw: str, name: str = "COMPILE_SHAPES") -> tuple[tuple[int, int, int], ...]:
+    """``"512x512x1,512x512x4,768x512"`` -> ``((512, 512, 1), (512, 512, 4), (768, 512, 1))``."""
+    shapes: list[tuple[int, int, int]] = []
+    low, high = _SHAPE_LIMITS["size"]
+    for part in raw.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        pieces = part.split("x")
+        if len(pieces) not in (2, 3) or not all(p.strip().isdigit() for p in pieces):
+            raise ConfigError(f"{name} entries must look like 512x512x1 (width x height x batch), got {part!r}")
+        width, height, batch = (int(p) for p in (*pieces, "1")[:3])
+        for what, value in (("width", width), ("height", height)):
+            if not (low <= value <= high and value % 8 == 0):
+                raise ConfigError(
+                    f"{name}: {what} must be a multiple of 8 between {low} and {high}, got {value} in {part!r}"
+                )
+        if not _SHAPE_LIMITS["batch"][0] <= batch <= _SHAPE_LIMITS["batch"][1]:
+            raise ConfigError(
+                f"{name}: batch must be between 1 and {_SHAPE_LIMITS['batch'][1]}, got {batch} in {part!r}"
+            )
+        if (width, height, batch) not in shapes:
+            shapes.append((width, height, batch))
+    return tuple(shapes)
+
+
 def env_url(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if value and not value.startswith(("http://", "https://")):
@@ -116,6 +145,15 @@ class EngineConfig:
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: str = "off"  # off | model | sequential
+    # The GPU fast path (backend/fastpath.py).
+    channels_last: str = "auto"  # auto | on | off
+    fuse_qkv: str = "auto"  # auto | on | off
+    compile: str = "off"  # off | default | reduce-overhead | max-autotune
+    compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) warmed at load
+    # A shape nobody warmed up: "eager" runs it uncompiled, "compile" compiles it then and there.
+    compile_new_shapes: str = "eager"
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two for debugging)
+    compile_cache_dir: Path = field(default_factory=lambda: Path(".cache/compile"))
     max_loaded_models: int = 1
     model_catalog_file: str = ""
     tiny_models_dir: Path = field(default_factory=lambda: Path(".cache/tiny-models"))
@@ -157,6 +195,14 @@ class EngineConfig:
             parse_device(device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        cpu_offload = env_choice(env, "CPU_OFFLOAD", "off", ("off", "model", "sequential"))
+        compile_mode = env_choice(env, "COMPILE", "off", COMPILE_MODES)
+        if compile_mode != "off" and cpu_offload != "off":
+            raise ConfigError(
+                f"COMPILE={compile_mode} can't be combined with CPU_OFFLOAD={cpu_offload}: offload moves the weights "
+                "between devices during every call; set one of them to off"
+            )
+        compile_cache_dir = base / Path(env.get("COMPILE_CACHE_DIR", "").strip() or ".cache/compile").expanduser()
         return cls(
             base_dir=base,
             use_local_models=env_choice(env, "USE_LOCAL_MODELS", "true", ("true", "false", "auto")),
@@ -165,7 +211,14 @@ class EngineConfig:
             attention_slicing=env_choice(env, "ATTENTION_SLICING", "auto", ("auto", "on", "off")),
             vae_slicing=env_bool(env, "VAE_SLICING", False),
             vae_tiling=env_bool(env, "VAE_TILING", False),
-            cpu_offload=env_choice(env, "CPU_OFFLOAD", "off", ("off", "model", "sequential")),
+            cpu_offload=cpu_offload,
+            channels_last=env_choice(env, "CHANNELS_LAST", "auto", ("auto", "on", "off")),
+            fuse_qkv=env_choice(env, "FUSE_QKV", "auto", ("auto", "on", "off")),
+            compile=compile_mode,
+            compile_shapes=parse_compile_shapes(env.get("COMPILE_SHAPES", "")),
+            compile_new_shapes=env_choice(env, "COMPILE_NEW_SHAPES", "eager", ("eager", "compile")),
+            compile_backend=env_choice(env, "COMPILE_BACKEND", "inductor", ("inductor", "aot_eager", "eager")),
+            compile_cache_dir=compile_cache_dir,
             max_loaded_models=env_int(env, "MAX_LOADED_MODELS", 1, minimum=1, maximum=64),
             model_catalog_file=env.get("MODEL_CATALOG_FILE", "").strip(),
             tiny_models_dir=tiny_dir,

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 SMALL_GPU_BYTES = 6 * 1024**3
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(?::(\d+))?)$")
 DTYPES = ("fp32", "fp16", "bf16")
+# torch.compile modes for COMPILE; the last two capture the UNet's steps in CUDA graphs.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,12 @@ class DevicePlan:
     vae_slicing: bool
     vae_tiling: bool
     cpu_offload: str  # off | model | sequential
+    # The fast path (backend/fastpath.py): off unless the plan says so.
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile: str = "off"  # one of COMPILE_MODES
+    # (width, height, batch) warmed up at load; empty: each model's default size, batch 1.
+    compile_shapes: tuple[tuple[int, int, int], ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -38,6 +47,10 @@ class DevicePlan:
             "vae_slicing": self.vae_slicing,
             "vae_tiling": self.vae_tiling,
             "cpu_offload": self.cpu_offload,
+            "channels_last": self.channels_last,
+            "fuse_qkv": self.fuse_qkv,
+            "compile": self.compile,
+            "compile_shapes": [f"{w}x{h}x{b}" for w, h, b in self.compile_shapes],
             "notes": list(self.notes),
         }
 
@@ -119,6 +132,64 @@ def resolve_attention_slicing(
     return False
 
 
+def _auto_on_off(name: str, setting: str) -> None:
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{name} must be auto, on or off, got {setting!r}")
+
+
+def resolve_channels_last(setting: str, *, device: str) -> bool:
+    """``auto``: on for CUDA, where cuDNN's NHWC convolution kernels are the fast ones."""
+    _auto_on_off("CHANNELS_LAST", setting)
+    if setting != "auto":
+        return setting == "on"
+    return device.startswith("cuda")
+
+
+def resolve_fuse_qkv(
+    setting: str,
+    *,
+    device: str,
+    sdpa: bool,
+    attention_slicing: bool,
+    cpu_offload: str,
+    notes: list[str] | None = None,
+) -> bool:
+    """``auto``: on for CUDA. One matmul for q, k and v (k and v in cross-attention) instead of
+    three; exact, and the separate weights stay (as views) for LoRAs."""
+    notes = notes if notes is not None else []
+    _auto_on_off("FUSE_QKV", setting)
+    if setting == "off" or (setting == "auto" and not device.startswith("cuda")):
+        return False
+    why_not = None
+    if not sdpa:
+        why_not = "the fused attention needs PyTorch's scaled_dot_product_attention"
+    elif attention_slicing:
+        why_not = "attention slicing is on, and the fused attention would replace the sliced one"
+    elif cpu_offload == "sequential":
+        why_not = "CPU_OFFLOAD=sequential keeps the weights off the GPU between layers"
+    if why_not:
+        notes.append(f"fused QKV projections off: {why_not}")
+        return False
+    return True
+
+
+def resolve_compile(setting: str, *, device: str, cpu_offload: str, notes: list[str] | None = None) -> str:
+    """``COMPILE`` as given; refused with CPU offload, whose hooks move weights mid-call."""
+    notes = notes if notes is not None else []
+    if setting not in COMPILE_MODES:
+        raise ValueError(f"COMPILE must be one of {'|'.join(COMPILE_MODES)}, got {setting!r}")
+    if setting == "off":
+        return setting
+    if cpu_offload != "off":
+        raise ValueError(
+            f"COMPILE={setting} can't be combined with CPU_OFFLOAD={cpu_offload}: offload moves the weights between "
+            "devices during every call; turn one of them off"
+        )
+    if setting in CUDA_GRAPH_MODES and not device.startswith("cuda"):
+        notes.append(f"COMPILE={setting} on {device}: compiled without CUDA graphs, which need a CUDA device")
+    return setting
+
+
 def plan_device(
     *,
     device_setting: str,
@@ -133,6 +204,10 @@ def plan_device(
     sdpa: bool = True,
     bf16_supported: bool = True,
     mps_available: bool = False,
+    channels_last: str = "auto",
+    fuse_qkv: str = "auto",
+    compile: str = "off",
+    compile_shapes: tuple[tuple[int, int, int], ...] = (),
 ) -> DevicePlan:
     notes: list[str] = []
     device = resolve_device(
@@ -144,15 +219,24 @@ def plan_device(
         # Offload moves weights between CPU and GPU; without a GPU there is nothing to offload to.
         notes.append(f"CPU_OFFLOAD={cpu_offload} ignored: it needs a CUDA device, this runs on {device}")
         cpu_offload = "off"
+    dtype = resolve_dtype(dtype_setting, device=device, bf16_supported=bf16_supported, notes=notes)
+    slicing = resolve_attention_slicing(
+        attention_slicing, device=device, total_memory=total_memory, sdpa=sdpa, notes=notes
+    )
+    compile_mode = resolve_compile(compile, device=device, cpu_offload=cpu_offload, notes=notes)
     return DevicePlan(
         device=device,
-        dtype=resolve_dtype(dtype_setting, device=device, bf16_supported=bf16_supported, notes=notes),
-        attention_slicing=resolve_attention_slicing(
-            attention_slicing, device=device, total_memory=total_memory, sdpa=sdpa, notes=notes
-        ),
+        dtype=dtype,
+        attention_slicing=slicing,
         vae_slicing=vae_slicing,
         vae_tiling=vae_tiling,
         cpu_offload=cpu_offload,
+        channels_last=resolve_channels_last(channels_last, device=device),
+        fuse_qkv=resolve_fuse_qkv(
+            fuse_qkv, device=device, sdpa=sdpa, attention_slicing=slicing, cpu_offload=cpu_offload, notes=notes
+        ),
+        compile=compile_mode,
+        compile_shapes=tuple(compile_shapes) if compile_mode != "off" else (),
         notes=tuple(notes),
     )
 

@@ -8,6 +8,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import fastpath
 from .embeddings import (
     EmbeddingLoader,
     EmbeddingLoadError,
@@ -343,6 +344,8 @@ class LocalBackend:
             _adapters(model, config.max_loaded_loras).apply(pipe, chosen)
         except LoraLoadError as exc:
             raise InvalidParams(str(exc)) from exc
+        # Fused projections bypass the layers LoRAs adapt: the UNet's own attention while any is active.
+        fastpath.prepare_for_loras(pipe, active=bool(chosen))
         provenance = {"versions": library_versions(), **model_provenance(model.spec), "loras": applied}
         return _Shared(warnings=warnings, provenance=provenance)
 

@@ -21,9 +21,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import fastpath
 from .catalog import FAMILY_PIPELINES, CatalogError, ModelSpec, load_catalog
 from .config import EngineConfig, get_config
 from .devices import DevicePlan, plan_device, torch_dtype
@@ -34,6 +36,11 @@ log = logging.getLogger("backend.manager")
 
 # Kept for callers that looked the classes up here.
 PIPELINE_CLASSES = FAMILY_PIPELINES
+
+# Told of every load and unload as fn(event, model_id, seconds, loaded): event "loaded" (seconds:
+# how long it took) or "unloaded" (seconds: None); loaded: how many models are loaded now. The
+# web app's metrics listen here; a listener must be quick, and one that raises is skipped.
+MODEL_LISTENERS: list[Callable[[str, str, float | None, int], None]] = []
 
 
 class _NoEmptyFp32Warning(logging.Filter):
@@ -62,6 +69,8 @@ class LoadedModel:
         self.plan = plan
         self.load_seconds = load_seconds
         self.variant = variant  # the weight variant actually loaded ("fp16"), or None
+        self.compiled = "off"  # the torch.compile mode in force (plan.compile, or off if it failed)
+        self.compile_warmup_s: float | None = None
         self.base_scheduler_config: dict[str, Any] = dict(pipe.scheduler.config)
         self.base_scheduler = pipe.scheduler
         self.loaded_at = time.time()
@@ -127,6 +136,8 @@ class LoadedModel:
             "dtype": self.plan.dtype,
             "variant": self.variant,
             "load_seconds": round(self.load_seconds, 3),
+            "compile": self.compiled,
+            "compile_warmup_s": self.compile_warmup_s,
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "img2img_ready": self._img2img is not None,
@@ -343,6 +354,10 @@ class ModelManager:
                     sdpa=facts["sdpa"],
                     bf16_supported=facts["bf16_supported"],
                     mps_available=facts["mps_available"],
+                    channels_last=c.channels_last,
+                    fuse_qkv=c.fuse_qkv,
+                    compile=c.compile,
+                    compile_shapes=c.compile_shapes,
                 )
             except ValueError as exc:
                 raise ModelUnavailable(str(exc), code="device_unavailable") from exc
@@ -372,6 +387,7 @@ class ModelManager:
             with self._lock:
                 self._loaded[model_id] = loaded
                 self.load_count[model_id] = self.load_count.get(model_id, 0) + 1
+            self._tell("loaded", model_id, loaded.load_seconds)
             return loaded
 
     load = get
@@ -399,6 +415,7 @@ class ModelManager:
             return
         for victim in victims:
             victim.release()
+            self._tell("unloaded", victim.spec.id)
         victims.clear()
         self._free_memory()
 
@@ -426,14 +443,62 @@ class ModelManager:
         try:
             apply_family_fixes(pipe, spec, plan)
             apply_plan(pipe, plan)
+            fast = fastpath.apply_fast_path(pipe, plan)
         except Exception as exc:
             del pipe
             self._free_memory()
             raise self._placement_error(spec, plan, exc) from exc
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
-        log.info("loaded model %s in %.2fs (%s weights)", spec.id, seconds, variant or "default")
-        return LoadedModel(spec=spec, pipe=pipe, plan=plan, load_seconds=seconds, variant=variant)
+        log.info(
+            "loaded model %s in %.2fs (%s weights%s)",
+            spec.id,
+            seconds,
+            variant or "default",
+            "".join(f", {change}" for change in fast),
+        )
+        loaded = LoadedModel(spec=spec, pipe=pipe, plan=plan, load_seconds=seconds, variant=variant)
+        if plan.compile != "off":
+            self._compile(loaded)
+        return loaded
+
+    def _compile(self, model: LoadedModel) -> None:
+        """Compile the model's UNet and VAE decoder and warm them up over the shape buckets.
+
+        A model whose compile fails still serves, uncompiled: the log says why.
+        """
+        spec, plan, c = model.spec, model.plan, self.config
+        shapes = plan.compile_shapes or ((spec.default_size, spec.default_size, 1),)
+        # An inpainting checkpoint only ever runs through its inpaint pipeline.
+        pipe = model.inpaint if model.is_inpainting else model.txt2img
+        try:
+            report = fastpath.compile_and_warm_up(
+                pipe,
+                model_id=spec.id,
+                plan=plan,
+                shapes=shapes,
+                cache_dir=c.base_dir / c.compile_cache_dir,
+                backend=c.compile_backend,
+                compile_new_shapes=c.compile_new_shapes == "compile",
+                guidance_scale=spec.default_guidance_scale,
+                inpaint=model.is_inpainting,
+            )
+        except Exception:  # noqa: BLE001 - torch.compile fails in many ways; the model still works eagerly
+            log.warning("model %s: COMPILE=%s failed; it runs uncompiled", spec.id, plan.compile, exc_info=True)
+            fastpath.uncompile_pipeline(pipe)
+            self._free_memory()
+            return
+        model.compiled = plan.compile
+        model.compile_warmup_s = round(report.seconds, 3)
+        log.info(
+            "model %s: compiled (%s) and warmed up over %s in %.1fs (saved compile cache %s, %d bytes written)",
+            spec.id,
+            plan.compile,
+            ", ".join(f"{w}x{h}x{b}" for w, h, b in report.shapes),
+            report.seconds,
+            "loaded" if report.cache_loaded else "not found",
+            report.cache_saved_bytes,
+        )
 
     def config_cache_dir(self) -> Path:
         """Where the shipped component configs are materialised (beside the tiny models)."""
@@ -599,6 +664,7 @@ class ModelManager:
         del model
         self._free_memory()
         log.info("unloaded model %s", model_id)
+        self._tell("unloaded", model_id)
         return True
 
     def unload_all(self) -> None:
@@ -607,8 +673,18 @@ class ModelManager:
             self._loaded.clear()
         for model in models:
             model.release()
+            self._tell("unloaded", model.spec.id)
         del models
         self._free_memory()
+
+    def _tell(self, event: str, model_id: str, seconds: float | None = None) -> None:
+        with self._lock:
+            loaded = len(self._loaded)
+        for listener in list(MODEL_LISTENERS):
+            try:
+                listener(event, model_id, seconds, loaded)
+            except Exception:  # noqa: BLE001 - a listener never breaks a load
+                log.warning("a model listener failed on %s %s", event, model_id, exc_info=True)
 
     @staticmethod
     def _free_memory() -> None:

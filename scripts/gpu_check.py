@@ -94,12 +94,18 @@ class Memory:
 
 
 def module_bytes(pipe: Any) -> int:
-    total = 0
+    # Each storage once: with fused QKV projections, q, k and v are views into the fused weight.
+    storages: dict[tuple[str, int], int] = {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
-            total += sum(p.numel() * p.element_size() for p in module.parameters())
-    return total
+            for p in module.parameters():
+                storage = p.untyped_storage()
+                if storage.data_ptr():
+                    storages[(str(p.device), storage.data_ptr())] = storage.nbytes()
+                else:  # meta tensors (sequential offload) have no storage to share
+                    storages[("id", id(p))] = p.numel() * p.element_size()
+    return sum(storages.values())
 
 
 def check_model(manager: Any, model_id: str, args: argparse.Namespace, memory: Memory) -> dict[str, Any]:

@@ -210,7 +210,9 @@ def test_without_a_key_a_server_secret_is_needed_and_events_are_checked(settings
     assert r.status_code == 400 and "WEBHOOK_SECRET" in r.json()["error"]["fields"]["webhook_url"][0]
     settings.WEBHOOK_SECRET = webhooks.new_secret()
     r = anon.post(
-        "/api/txt2img/", {"prompt": "x", "webhook_url": "http://127.0.0.1:9/", "webhook_events": ["done"]}, format="json"
+        "/api/txt2img/",
+        {"prompt": "x", "webhook_url": "http://127.0.0.1:9/", "webhook_events": ["done"]},
+        format="json",
     )
     assert r.status_code == 400 and "webhook_events" in r.json()["error"]["fields"]
     assert Generation.objects.count() == 0
@@ -243,7 +245,11 @@ def test_a_delivery_whose_sender_died_mid_send_is_sent_again_after_its_lease(set
     )
     # Claimed by a dispatcher that died: its lease is still running, so nobody sends it...
     delivery = WebhookDelivery.objects.create(
-        generation=g, event="completed", url=r.url, msg_id="msg_x_completed", lease_until=timezone.now() + timedelta(hours=1)
+        generation=g,
+        event="completed",
+        url=r.url,
+        msg_id="msg_x_completed",
+        lease_until=timezone.now() + timedelta(hours=1),
     )
     assert webhooks.deliver_due() == 0
     # ...until the lease runs out; then it goes (again) under the same id.

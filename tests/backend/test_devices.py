@@ -157,7 +157,14 @@ def test_the_plan_says_what_is_in_force():
         "vae_slicing": False,
         "vae_tiling": True,
         "cpu_offload": "model",
-        "notes": ["attention slicing on: the GPU has 4.0 GiB (< 6 GiB)"],
+        "channels_last": True,
+        "fuse_qkv": False,
+        "compile": "off",
+        "compile_shapes": [],
+        "notes": [
+            "attention slicing on: the GPU has 4.0 GiB (< 6 GiB)",
+            "fused QKV projections off: attention slicing is on, and the fused attention would replace the sliced one",
+        ],
     }
 
 
