@@ -68,10 +68,17 @@ class Generation(models.Model):
     webhook_url = models.CharField(max_length=2048, blank=True, default="")
     webhook_events = models.JSONField(default=list, blank=True)
     webhook_base_url = models.CharField(max_length=512, blank=True, default="")
+    # Bytes of the stored input and mask files, counted against the owner's storage quota.
+    input_bytes = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["status", "created_at"]), models.Index(fields=["owner", "status"])]
+        indexes = [
+            models.Index(fields=["status", "created_at"]),
+            models.Index(fields=["owner", "status"]),
+            # Retention (api/services/retention.py) looks for finished rows by their end.
+            models.Index(fields=["status", "finished_at"], name="api_generation_status_finished"),
+        ]
         constraints = [
             # NULLs are distinct in SQL unique indexes, so anonymous requests get their own.
             models.UniqueConstraint(
@@ -101,6 +108,7 @@ class GeneratedImage(models.Model):
     seed = models.BigIntegerField()
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
+    bytes = models.PositiveBigIntegerField(default=0)  # size of the stored file
 
     class Meta:
         ordering = ["index"]
@@ -122,6 +130,11 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Standard Webhooks secret ("whsec_" + base64) that signs this key's webhook deliveries.
     webhook_secret = models.CharField(max_length=128, blank=True, default=new_webhook_secret)
+    storage_quota_bytes = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Bytes of images and inputs this key may keep stored; empty: STORAGE_QUOTA_BYTES, 0: unlimited",
+    )
 
     class Meta:
         ordering = ["-created_at"]

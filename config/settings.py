@@ -379,6 +379,17 @@ if JOB_STALE_AFTER < 3 * JOB_HEARTBEAT_INTERVAL:
 # How often each Celery worker looks for orphaned jobs (it also does at start-up).
 JOB_RECOVERY_INTERVAL = _wrap(env_float, env, "JOB_RECOVERY_INTERVAL", 60.0, minimum=0.1)
 
+# --- Retention and storage quotas -----------------------------------------------------------
+# Finished generations (succeeded, failed, cancelled) older than RESULTS_TTL_DAYS are deleted with
+# their files (0: kept for ever). The embedded worker and every Celery worker prune every
+# PRUNE_INTERVAL seconds, checked on their recovery pass (so at most every JOB_RECOVERY_INTERVAL);
+# `manage.py prune_results` does the same on demand.
+RESULTS_TTL_DAYS = _wrap(env_float, env, "RESULTS_TTL_DAYS", 0.0, minimum=0.0)
+PRUNE_INTERVAL = _wrap(env_float, env, "PRUNE_INTERVAL", 3600.0, minimum=0.05)
+# Bytes of images and inputs an API key may keep stored (0: unlimited); a key's own
+# storage_quota_bytes (manage.py create_api_key --quota-bytes N) overrides it.
+STORAGE_QUOTA_BYTES = _wrap(env_int, env, "STORAGE_QUOTA_BYTES", 0, minimum=0)
+
 # --- Security (production) -----------------------------------------------------------------
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"

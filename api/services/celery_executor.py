@@ -299,6 +299,9 @@ def _recovery_loop() -> None:
             log.exception("recovery pass failed")
         finally:
             connection.close()
+        from .retention import prune_if_due
+
+        prune_if_due()  # RESULTS_TTL_DAYS, every PRUNE_INTERVAL; never raises
 
 
 def preload_models() -> None:

@@ -115,6 +115,9 @@ class ThreadExecutor:
                 log.exception("periodic job recovery failed")
             finally:
                 close_old_connections()
+            from .retention import prune_if_due
+
+            prune_if_due()  # RESULTS_TTL_DAYS, every PRUNE_INTERVAL; never raises
 
     def recover_once(self) -> dict[str, list[Any]]:
         from .jobs import generation_recover

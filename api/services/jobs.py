@@ -96,21 +96,28 @@ def generation_create(
     gets the first generation back and ``created`` is False.
     """
     from .executors import get_executor
+    from .retention import storage_quota_check
 
     if idempotency_key:
         existing = _idempotent_match(owner=owner, idempotency_key=idempotency_key, fingerprint=fingerprint)
         if existing is not None:
             return existing, False
+    storage_quota_check(owner=owner)
     generation_id = uuid.uuid4()
     input_name = mask_name = ""
+    input_bytes = 0
     # Re-encoded under server-made names: nothing of the upload's name or format survives.
     if init_image is not None:
         input_name = f"inputs/{generation_id}.png"
-        storage.save(input_name, png_bytes(init_image.convert("RGB")))
+        data = png_bytes(init_image.convert("RGB"))
+        storage.save(input_name, data)
+        input_bytes += len(data)
     if mask_image is not None:
         mask_name = f"inputs/{generation_id}-mask.png"
         try:
-            storage.save(mask_name, png_bytes(mask_image.convert("L")))
+            data = png_bytes(mask_image.convert("L"))
+            storage.save(mask_name, data)
+            input_bytes += len(data)
         except BaseException:
             _remove_inputs(input_name)
             raise
@@ -128,6 +135,7 @@ def generation_create(
                 seed=params.seed,
                 input_image=input_name,
                 mask_image=mask_name,
+                input_bytes=input_bytes,
                 response_format=response_format,
                 owner=owner,
                 idempotency_key=idempotency_key or None,
@@ -209,6 +217,7 @@ def generation_cancel(*, generation: Generation) -> Generation:
             status=Status.CANCELLED,
             cancel_requested=True,
             finished_at=now,
+            input_bytes=0,  # its inputs are removed below: no longer counted against a quota
             error={"code": "cancelled", "message": "cancelled before it started"},
         )
         if cancelled_queued:

@@ -612,6 +612,7 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
                 seed=item.seed,
                 width=item.image.width,
                 height=item.image.height,
+                bytes=len(data),
             )
         )
     timings = {
