@@ -68,7 +68,9 @@ def test_every_row_is_measured_with_sane_numbers(bench):
             assert cell["s_per_image"] > 0 and cell["it_per_s"] > 0 and cell["peak_mib"] > 0, (key, batch)
             assert len(cell["times_s"]) == 1
             assert cell["s_per_image"] == pytest.approx(cell["times_s"][0] / cell["batch"], abs=1e-3)
-            assert cell["it_per_s"] == pytest.approx(2 / cell["times_s"][0], rel=0.01)
+            assert cell["it_per_s"] == pytest.approx(
+                2 / cell["times_s"][0], rel=0.01, abs=0.006
+            )  # it/s is rounded to 0.01
             if "compiled" in key[1]:
                 assert cell["warmup_s"] > 0
             else:

@@ -206,11 +206,11 @@ def _celery_stream_check(live_server, settings, tmp_path) -> None:  # noqa: ANN0
         worker.start()
         job = post(live_server.url, {"prompt": "via redis", "seed": 8, **SLOW})
         stream = Stream(live_server.url, job["id"])
-        started = time.monotonic()
         seen = list(stream.events())
-        assert time.monotonic() - started < 50
         names = [name for name, _, _ in seen]
-        assert names[-1] == "completed" and "progress" in names
+        assert names[-1] == "completed"
+        # The rows are read only every 60 s: several progress events mean Redis woke the hub.
+        assert names.count("progress") >= 3, names
         assert Generation.objects.get(pk=job["id"]).status == Status.SUCCEEDED
     finally:
         worker.stop()
