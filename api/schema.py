@@ -498,10 +498,13 @@ class DevicePlanDocSerializer(serializers.Serializer):
     vae_slicing = serializers.BooleanField()
     vae_tiling = serializers.BooleanField()
     cpu_offload = serializers.ChoiceField(choices=["off", "model", "sequential"])
-    channels_last = serializers.BooleanField()
-    fuse_qkv = serializers.BooleanField()
-    compile = serializers.ChoiceField(choices=["off", "default", "reduce-overhead", "max-autotune"])
-    compile_shapes = serializers.ListField(child=serializers.CharField(), help_text="WxHxbatch buckets warmed at load.")
+    # Not required: a worker of an older release reports its plan without them (a rolling upgrade).
+    channels_last = serializers.BooleanField(required=False)
+    fuse_qkv = serializers.BooleanField(required=False)
+    compile = serializers.ChoiceField(choices=["off", "default", "reduce-overhead", "max-autotune"], required=False)
+    compile_shapes = serializers.ListField(
+        child=serializers.CharField(), required=False, help_text="WxHxbatch buckets warmed at load."
+    )
     notes = serializers.ListField(child=serializers.CharField())
 
     class Meta:
