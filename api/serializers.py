@@ -207,15 +207,16 @@ class Txt2ImgRequestSerializer(serializers.Serializer):
         spec: ModelSpec = catalog[model_id]
         width = attrs.get("width") or spec.default_size
         height = attrs.get("height") or spec.default_size
+        too_big: dict[str, list[str]] = {}
         for name, value in (("width", width), ("height", height)):
             if attrs.get(name) is None:
-                # The model's default size obeys the operator's limits too.
+                # The model's default size obeys the operator's limits too (both sides named).
                 try:
                     self._size(name, value)
                 except serializers.ValidationError as exc:
-                    raise serializers.ValidationError(
-                        {name: [f"{exc.detail[0]} (the default size of {model_id}); ask for a smaller {name}"]}
-                    ) from None
+                    too_big[name] = [f"{exc.detail[0]} (the default size of {model_id}); ask for a smaller {name}"]
+        if too_big:
+            raise serializers.ValidationError(too_big)
         steps = attrs.get("steps") or spec.default_steps
         steps = min(steps, limits()["MAX_STEPS"])
         num_images = attrs.get("num_images", 1)

@@ -23,14 +23,25 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
 
+# The options that make a sampler the one its name says, beyond its class. A model's own
+# scheduler config may set them for its default sampler ("DPM++ 3M SDE Karras", beta sigmas):
+# a name asked for gets its class's defaults for them instead, then its own extra config.
+SAMPLER_OPTIONS = ("algorithm_type", "solver_order", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
     """A new scheduler of kind ``name`` built from the model's own scheduler config.
 
     Building from the model's config keeps its beta schedule and prediction type
-    (v-prediction for SD 2.x 768), which a scheduler's bare defaults would lose.
+    (v-prediction for SD 2.x 768), which a scheduler's bare defaults would lose; the
+    ``SAMPLER_OPTIONS`` come from the name, not from the model.
     """
+    import inspect
+
     import diffusers
 
     class_name, extra = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
-    return cls.from_config(dict(base_config), **extra)
+    accepted = inspect.signature(cls.__init__).parameters
+    own = {key: accepted[key].default for key in SAMPLER_OPTIONS if key in accepted}
+    return cls.from_config(dict(base_config), **{**own, **extra})

@@ -188,6 +188,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "txt2img, img2img and inpainting over REST, on local diffusers pipelines or the Hugging Face Inference API.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # /api/schema/ and /api/docs/ need a key like every endpoint but health (AUTH_REQUIRED).
+    "SERVE_PERMISSIONS": ["api.auth.KeyRequiredIfConfigured"],
     # The native API under /api/; the foreign protocols are documented in docs/compat.md.
     "PREPROCESSING_HOOKS": ["api.schema.native_endpoints_only"],
     # One name for the webhook events, which the request, the resource and its deliveries share.

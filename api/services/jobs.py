@@ -126,7 +126,7 @@ def generation_create(
     try:
         with transaction.atomic():
             if owner is not None:
-                _check_active_cap(owner)
+                _check_active_cap(owner, idempotency_key=idempotency_key)
             generation = Generation.objects.create(
                 id=generation_id,
                 kind=params.kind,
@@ -176,11 +176,15 @@ def _idempotent_match(*, owner: ApiKey | None, idempotency_key: str, fingerprint
     return existing
 
 
-def _check_active_cap(owner: ApiKey) -> None:
+def _check_active_cap(owner: ApiKey, *, idempotency_key: str | None = None) -> None:
     """Per-key cap on queued + running jobs, counted in the database under a row lock."""
     cap = settings.MAX_ACTIVE_JOBS_PER_KEY
     # Locking the key's row serialises concurrent creates for one key across processes.
     ApiKey.objects.select_for_update().filter(pk=owner.pk).first()
+    if idempotency_key and Generation.objects.filter(owner=owner, idempotency_key=idempotency_key).exists():
+        # A concurrent twin (same Idempotency-Key) got in first: the insert then fails on the
+        # unique key and this request gets the twin's job, not a 429 for the slot that job took.
+        return
     active = Generation.objects.filter(owner=owner, status__in=[Status.QUEUED, Status.RUNNING]).count()
     if active >= cap:
         raise ApiError(

@@ -172,7 +172,7 @@ def row(generation_id: str) -> Generation:
 
 def pngs(generation_id: str) -> list[str]:
     folder = Path(settings.MEDIA_ROOT) / "generations" / str(generation_id)
-    return sorted(p.name for p in folder.glob("*")) if folder.exists() else []
+    return sorted(p.name for p in folder.glob("*.png")) if folder.exists() else []
 
 
 def running_with_progress(generation_id: str, attempt: int) -> Generation | None:

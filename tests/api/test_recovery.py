@@ -185,7 +185,7 @@ def test_thread_worker_start_up_retries_or_fails_jobs_a_dead_process_left_runnin
         time.sleep(0.05)
     assert retry.status == Status.SUCCEEDED, retry.error
     assert retry.attempts == 2 and retry.worker == executor.worker_name
-    assert sorted(p.name for p in folder(retry).iterdir()) == ["0-7.png"]
+    assert sorted(p.name for p in folder(retry).glob("*.png")) == ["0-7.png"]
     exhausted.refresh_from_db()
     assert exhausted.status == Status.FAILED and exhausted.error["code"] == "worker_lost"
     body = api.get(f"/api/results/{exhausted.pk}/").json()

@@ -104,7 +104,9 @@ def test_async_request_returns_202_with_location_then_finishes(api):
     r = api.post("/api/txt2img/", {"prompt": "x", "seed": 2, "async": True}, format="json")
     assert r.status_code == 202, r.content
     body = r.json()
-    assert body["status"] in ("queued", "running")
+    # The 202 body is the job as just queued: nothing of a run in it yet.
+    assert (body["status"], body["images"], body["started_at"], body["finished_at"]) == ("queued", [], None, None)
+    assert body["seed"] == 2 and body["params"]["prompt"] == "x" and body["error"] is None
     assert r["Location"].endswith(f"/api/results/{body['id']}/")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

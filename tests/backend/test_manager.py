@@ -380,4 +380,8 @@ def test_a_model_kept_across_an_unload_says_so(make_manager):
     manager.unload("tiny-sd")
     with pytest.raises(ModelUnavailable, match="was unloaded"):
         model.txt2img  # noqa: B018
-    assert manager.get("tiny-sd").txt2img is not None  # asking again loads it again
+    # Asking again loads it again: a new model, a second load, and a pipeline that runs.
+    again = manager.get("tiny-sd")
+    assert again is not model and manager.load_count == {"tiny-sd": 2}
+    assert manager.loaded_ids() == ["tiny-sd"]
+    assert again.txt2img("a", num_inference_steps=1, width=64, height=64).images[0].size == (64, 64)
