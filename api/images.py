@@ -166,3 +166,26 @@ def parameters_text(params: dict[str, Any], seed: int) -> str:
     negative = params.get("negative_prompt") or ""
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     return f"{prompt}{negative_line}\n{settings_line}".strip()
+
+
+THUMBNAIL_MAX_SIDE = 256
+THUMBNAIL_SUFFIX = ".thumb.webp"
+
+
+def thumbnail_name(image_name: str) -> str:
+    """Where an image's thumbnail is kept: beside it, ``0-42.png`` -> ``0-42.thumb.webp``."""
+    stem = image_name[: -len(".png")] if image_name.endswith(".png") else image_name
+    return stem + THUMBNAIL_SUFFIX
+
+
+def thumbnail_bytes(img: Image.Image, *, max_side: int = THUMBNAIL_MAX_SIDE) -> bytes:
+    """A small WebP of ``img`` for history grids: its longer side at most ``max_side`` pixels
+    (never enlarged), the aspect ratio kept, no metadata; a few kB where the PNG is hundreds."""
+    thumb = img.copy()
+    if thumb.mode not in ("RGB", "RGBA"):
+        thumb = thumb.convert("RGBA" if "transparency" in thumb.info or thumb.mode in ("LA", "PA") else "RGB")
+    # reducing_gap: a cheap integer reduce first, then a high-quality resample of what's left.
+    thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    buf = io.BytesIO()
+    thumb.save(buf, format="WEBP", quality=80, method=4)
+    return buf.getvalue()

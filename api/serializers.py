@@ -394,18 +394,57 @@ class InpaintRequestSerializer(Img2ImgRequestSerializer):
 # --- responses ----------------------------------------------------------------------------
 
 
+# Thumbnails known to exist in a bucket (MEDIA_STORAGE=s3), so a history page doesn't ask the
+# bucket about each one every time; a name is never reused, and its row goes before its files.
+_S3_THUMBNAILS_SEEN: set[str] = set()
+_S3_THUMBNAILS_SEEN_MAX = 50_000
+
+
+def _thumbnail_exists(name: str) -> bool:
+    from . import storage
+
+    if storage.is_local():
+        return storage.exists(name)  # one stat
+    if name in _S3_THUMBNAILS_SEEN:
+        return True
+    if not storage.exists(name):
+        return False
+    if len(_S3_THUMBNAILS_SEEN) >= _S3_THUMBNAILS_SEEN_MAX:
+        _S3_THUMBNAILS_SEEN.clear()
+    _S3_THUMBNAILS_SEEN.add(name)
+    return True
+
+
 class ImageSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
+    thumbnail_url = serializers.SerializerMethodField()
 
     class Meta:
         model = GeneratedImage
-        fields = ["url", "seed", "width", "height", "index"]
+        fields = ["url", "thumbnail_url", "seed", "width", "height", "index"]
 
     def get_url(self, obj: GeneratedImage) -> str:
         from . import storage
 
         # A webhook payload has no request: absolute against the address the job's request came through.
         return storage.url(obj.file, self.context.get("request"), self.context.get("base_url", ""))
+
+    @extend_schema_field(
+        {
+            "type": "string",
+            "format": "uri",
+            "nullable": True,
+            "description": "A WebP of at most 256 pixels a side, beside the PNG; null for images saved before thumbnails existed.",
+        }
+    )
+    def get_thumbnail_url(self, obj: GeneratedImage) -> str | None:
+        from . import storage
+        from .images import thumbnail_name
+
+        name = thumbnail_name(obj.file)
+        if not _thumbnail_exists(name):
+            return None
+        return storage.url(name, self.context.get("request"), self.context.get("base_url", ""))
 
 
 class GenerationSerializer(serializers.ModelSerializer):

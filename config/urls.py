@@ -27,6 +27,9 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
 ]
 
+# The playground page at / with its script and stylesheet (web/), built on the API above.
+urlpatterns += [path("", include("web.urls"))]
+
 if settings.SERVE_MEDIA:
     # Generated images, served by Django itself (also under runserver and gunicorn);
     # put a proxy or CDN in front for heavy traffic. serve() refuses paths outside MEDIA_ROOT.

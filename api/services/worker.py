@@ -35,7 +35,7 @@ from backend.params import BatchMember, GenerationOutput, GenerationParams, batc
 from backend.router import get_backend
 
 from .. import metrics, storage
-from ..images import parameters_text, png_bytes
+from ..images import parameters_text, png_bytes, thumbnail_bytes, thumbnail_name
 from ..models import FINISHED, GeneratedImage, Generation, Status
 from . import jobs
 
@@ -604,6 +604,8 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
         name = f"{folder}/{index}-{item.seed}.png"
         data = png_bytes(item.image, text={"parameters": parameters_text(params, item.seed)})
         storage.save(name, data)
+        # The history grid loads this, not the PNG; the resource links it (thumbnail_url).
+        storage.save(thumbnail_name(name), thumbnail_bytes(item.image))
         written.append(
             GeneratedImage(
                 generation_id=generation_id,
