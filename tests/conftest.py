@@ -24,6 +24,19 @@ def require_service(reachable: bool, what: str) -> None:
     pytest.skip(f"{what} is not reachable on this machine")
 
 
+@pytest.fixture(autouse=True)
+def _stop_background_loops() -> Iterator[None]:
+    """A test that starts a process's loops (job recovery, webhook dispatch) stops them after
+    itself, so they can't act on a later test's rows from the same test process."""
+    yield
+    from api.services.executors import ThreadExecutor
+    from api.services.webhooks import stop_dispatcher
+
+    for executor in list(ThreadExecutor.instances):
+        executor.stop_recovery()
+    stop_dispatcher()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs() -> dict[str, Path]:
     """Build (or find cached) the tiny models once per run."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from typing import Any, Protocol
 
 from django.conf import settings
@@ -37,13 +38,18 @@ class ThreadExecutor:
     """One worker thread per process, fed by an in-memory FIFO; the rows stay the truth."""
 
     name = "thread"
+    # Every executor of this process, for a shutdown that stops their loops.
+    instances: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()
 
     def __init__(self) -> None:
+        ThreadExecutor.instances.add(self)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._events: dict[str, threading.Event] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._recovery: threading.Thread | None = None
+        self._recovery_stop = threading.Event()
 
     @property
     def worker_name(self) -> str:
@@ -99,16 +105,25 @@ class ThreadExecutor:
         """Keep looking for orphans after start-up: a process that died while this one was
         already serving (or came back within JOB_STALE_AFTER) leaves rows only a later pass finds."""
         with self._lock:
-            if getattr(self, "_recovery", None) is not None:
+            if self._recovery is not None:
                 return
-            self._recovery = threading.Thread(target=self._recovery_loop, name="job-recovery", daemon=True)
+            self._recovery_stop = threading.Event()
+            self._recovery = threading.Thread(
+                target=self._recovery_loop, args=(self._recovery_stop,), name="job-recovery", daemon=True
+            )
             self._recovery.start()
 
-    def _recovery_loop(self) -> None:
-        import time
+    def stop_recovery(self, timeout: float = 30.0) -> None:
+        """End the periodic recovery loop (a graceful shutdown; a test done with its process's
+        executor). The pass under way, if any, finishes first."""
+        with self._lock:
+            loop, stop, self._recovery = self._recovery, self._recovery_stop, None
+        if loop is not None:
+            stop.set()
+            loop.join(timeout)
 
-        while True:
-            time.sleep(settings.JOB_RECOVERY_INTERVAL)
+    def _recovery_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(settings.JOB_RECOVERY_INTERVAL):
             try:
                 self.recover_once()
             except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
@@ -118,6 +133,7 @@ class ThreadExecutor:
             from .retention import prune_if_due
 
             prune_if_due()  # RESULTS_TTL_DAYS, every PRUNE_INTERVAL; never raises
+        connection.close()
 
     def recover_once(self) -> dict[str, list[Any]]:
         from .jobs import generation_recover

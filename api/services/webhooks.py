@@ -285,6 +285,7 @@ def _attempt(delivery: WebhookDelivery) -> None:
 
 _wake = threading.Event()
 _thread: threading.Thread | None = None
+_thread_stop = threading.Event()
 _thread_lock = threading.Lock()
 
 
@@ -294,19 +295,34 @@ def wake() -> None:
 
 def start_dispatcher() -> None:
     """In each process that runs jobs: a side thread that sends due deliveries."""
-    global _thread
+    global _thread, _thread_stop
     with _thread_lock:
         if _thread is not None and _thread.is_alive():
             return
-        _thread = threading.Thread(target=_loop, name="webhooks", daemon=True)
+        _thread_stop = threading.Event()
+        _thread = threading.Thread(target=_loop, args=(_thread_stop,), name="webhooks", daemon=True)
         _thread.start()
 
 
-def _loop() -> None:
+def stop_dispatcher(timeout: float = 30.0) -> None:
+    """End the dispatcher thread after the delivery under way; due ones wait for the next start."""
+    global _thread
+    with _thread_lock:
+        thread, stop, _thread = _thread, _thread_stop, None
+    if thread is not None:
+        stop.set()
+        _wake.set()
+        thread.join(timeout)
+
+
+def _loop(stop: threading.Event) -> None:
     backoff = 0.0
     while True:
         _wake.wait(settings.WEBHOOK_POLL_INTERVAL + backoff)
         _wake.clear()
+        if stop.is_set():
+            connection.close()
+            return
         try:
             while deliver_due():
                 pass

@@ -290,7 +290,12 @@ def test_a_job_that_kills_its_worker_every_time_fails_worker_lost_after_max_atte
     gid = r.json()["id"]
     killed = []
     for attempt in range(1, settings.MAX_ATTEMPTS + 1):
-        running = wait_for(f"attempt {attempt}", lambda a=attempt: running_with_progress(gid, a))
+        try:
+            running = wait_for(f"attempt {attempt}", lambda a=attempt: running_with_progress(gid, a))
+        except AssertionError as exc:
+            g = row(gid)
+            log = worker.log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}; the row: {g.status} attempt {g.attempts} {g.worker}\n{log}") from None
         pid = parse_worker(running.worker).pid
         assert pid != worker.proc.pid and pid not in killed
         os.kill(pid, signal.SIGKILL)

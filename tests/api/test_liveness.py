@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 from django.utils import timezone
 
 from api.models import Generation, Status
@@ -156,14 +154,6 @@ def test_start_up_starts_the_recovery_loop_and_it_finds_an_orphan_on_its_own(set
 
 
 def stop_recovery_loop(executor: ThreadExecutor) -> None:
-    """The loop has no stop switch (it lives as long as its process). Park this test's copy for
-    good, its database connection closed, so it can't act on other tests' rows."""
-    parked = threading.Event()
-
-    def park() -> None:
-        connection.close()
-        parked.set()
-        threading.Event().wait()
-
-    executor.recover_once = park  # type: ignore[method-assign]
-    assert parked.wait(timeout=30), "the recovery loop did not come round again"
+    loop = executor._recovery
+    executor.stop_recovery()
+    assert loop is None or not loop.is_alive(), "the recovery loop did not stop"

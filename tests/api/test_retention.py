@@ -298,15 +298,24 @@ def _old_and_new_rows() -> tuple[Generation, Generation, Generation]:
 
 def _assert_pruned_on_its_own(old: Generation, recent: Generation, running: Generation, alive: Any) -> None:
     old_files = files_of(old)
-    wait_for("the old result to be pruned", lambda: alive() and not exists(old), 90, 0.1)
-    assert not any(p.exists() for p in old_files)
+    # Rows go first and files after (see api/services/retention.py): wait for both.
+    wait_for(
+        "the old result to be pruned",
+        lambda: alive() and not exists(old) and not any(p.exists() for p in old_files),
+        90,
+        0.1,
+    )
     assert exists(recent) and all(p.is_file() for p in files_of(recent))
     assert Generation.objects.get(pk=running.pk).status == "running"
     # And again on a later pass, not only once.
     later = stored_row("failed", ended_days_ago=6, created_days_ago=6, with_input=True)
     later_files = files_of(later)
-    wait_for("a later old result to be pruned", lambda: alive() and not exists(later), 90, 0.1)
-    assert not any(p.exists() for p in later_files)
+    wait_for(
+        "a later old result to be pruned",
+        lambda: alive() and not exists(later) and not any(p.exists() for p in later_files),
+        90,
+        0.1,
+    )
     assert exists(recent)
 
 
