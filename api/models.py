@@ -108,7 +108,7 @@ class GeneratedImage(models.Model):
     seed = models.BigIntegerField()
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
-    bytes = models.PositiveBigIntegerField(default=0)  # size of the stored file
+    bytes = models.PositiveBigIntegerField(default=0)  # stored: the PNG and its thumbnail
 
     class Meta:
         ordering = ["index"]

@@ -605,7 +605,8 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
         data = png_bytes(item.image, text={"parameters": parameters_text(params, item.seed)})
         storage.save(name, data)
         # The history grid loads this, not the PNG; the resource links it (thumbnail_url).
-        storage.save(thumbnail_name(name), thumbnail_bytes(item.image))
+        thumbnail = thumbnail_bytes(item.image)
+        storage.save(thumbnail_name(name), thumbnail)
         written.append(
             GeneratedImage(
                 generation_id=generation_id,
@@ -614,7 +615,7 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
                 seed=item.seed,
                 width=item.image.width,
                 height=item.image.height,
-                bytes=len(data),
+                bytes=len(data) + len(thumbnail),  # what the image keeps stored, for quotas
             )
         )
     timings = {

@@ -28,6 +28,7 @@ from rest_framework.test import APIClient
 
 from api import storage
 from api.auth import api_key_create
+from api.images import thumbnail_name
 from api.models import ApiKey, GeneratedImage, Generation, WebhookDelivery
 from api.services.retention import PeriodicPrune, format_bytes, prune, storage_used
 from tests.api.test_celery_worker import ROOT, Worker, database_env, redis_reachable, wait_for
@@ -94,12 +95,12 @@ def files_of(row: Generation) -> list[Path]:
 
 
 def disk_bytes(rows: list[Generation]) -> int:
-    """On-disk size of what a quota counts: each image's PNG, the input and the mask."""
+    """On-disk size of what a quota counts: each image's PNG and thumbnail, the input and the mask."""
     root = Path(settings.MEDIA_ROOT)
-    names = [
-        name for row in rows for name in [*row.images.values_list("file", flat=True), row.input_image, row.mask_image]
-    ]
-    return sum((root / name).stat().st_size for name in names if name)
+    images = [name for row in rows for name in row.images.values_list("file", flat=True)]
+    names = [*images, *(thumbnail_name(name) for name in images)]
+    names += [name for row in rows for name in (row.input_image, row.mask_image) if name]
+    return sum((root / name).stat().st_size for name in names if (root / name).is_file())
 
 
 def exists(row: Generation) -> bool:
@@ -410,9 +411,11 @@ def test_quota_below_at_and_above_and_deleting_frees_it(tiny_model_dirs):
     first = client.post("/api/img2img/", {**GEN, "image": io.BytesIO(png_of()), "strength": 0.5}, format="multipart")
     assert first.status_code == 200, first.json()
     row = Generation.objects.get(pk=first.json()["id"])
-    # The recorded sizes are the sizes on disk: the image and the stored input.
+    # The recorded sizes are the sizes on disk: the image with its thumbnail, and the stored input.
     image = row.images.get()
-    assert image.bytes == (Path(settings.MEDIA_ROOT) / image.file).stat().st_size > 0
+    png, thumbnail = (Path(settings.MEDIA_ROOT) / name for name in (image.file, thumbnail_name(image.file)))
+    assert png.stat().st_size > 0 and thumbnail.stat().st_size > 0
+    assert image.bytes == png.stat().st_size + thumbnail.stat().st_size
     assert row.input_bytes == (Path(settings.MEDIA_ROOT) / row.input_image).stat().st_size > 0
     used = storage_used(owner=key)
     assert used == disk_bytes([row])
