@@ -36,6 +36,8 @@ log = logging.getLogger("api.executor")
 
 CHANNEL_PREFIX = "sdapi:generation-finished:"
 WORKER_KEY_PREFIX = "sdapi:worker:"
+# A wait whose finish channel broke (Redis restarted) tries to subscribe again this often.
+RESUBSCRIBE_INTERVAL = 1.0
 
 
 def queue_for_model(model_id: str) -> str:
@@ -84,7 +86,7 @@ class CeleryExecutor:
         pubsub = self._subscribe(generation_id)
         try:
             while True:
-                # Checked after subscribing, so a finish published in between isn't missed.
+                # Checked after (re)subscribing, so a finish published in between isn't missed.
                 if _is_finished(generation_id):
                     return True
                 remaining = deadline - time.monotonic()
@@ -92,11 +94,12 @@ class CeleryExecutor:
                     return False
                 pause = min(remaining, settings.SYNC_POLL_INTERVAL)
                 if pubsub is None:
-                    time.sleep(pause)
+                    # Until the channel is back, the row is read every SYNC_POLL_INTERVAL.
+                    pubsub = self._resubscribe(generation_id, pause)
                     continue
                 try:
                     pubsub.get_message(ignore_subscribe_messages=True, timeout=pause)
-                except Exception:  # noqa: BLE001 - Redis went away: fall back to the slow poll
+                except Exception:  # noqa: BLE001 - Redis went away: poll, and subscribe again once it is back
                     log.warning("lost the finish channel for generation %s; polling the database", generation_id)
                     self._close(pubsub)
                     pubsub = None
@@ -130,17 +133,39 @@ class CeleryExecutor:
                 )
             return self._redis
 
-    def _subscribe(self, generation_id: Any) -> Any:
+    def _subscribe(self, generation_id: Any, *, quiet: bool = False) -> Any:
         client = self._client()
         if client is None:
             return None
+        pubsub = None
         try:
             pubsub = client.pubsub()
             pubsub.subscribe(channel_for(generation_id))
             return pubsub
         except Exception:  # noqa: BLE001
-            log.warning("could not subscribe to the end of generation %s; polling the database", generation_id)
+            self._close(pubsub)
+            if not quiet:
+                log.warning("could not subscribe to the end of generation %s; polling the database", generation_id)
             return None
+
+    def _resubscribe(self, generation_id: Any, within: float) -> Any:
+        """Subscribe again, trying every RESUBSCRIBE_INTERVAL seconds for up to ``within``
+        seconds (a restarted Redis is back within seconds; a wait lasts minutes): the
+        subscription, or None once ``within`` has passed (always None when the broker isn't
+        Redis)."""
+        until = time.monotonic() + within
+        if self._client() is None:
+            time.sleep(within)
+            return None
+        while True:
+            pubsub = self._subscribe(generation_id, quiet=True)
+            if pubsub is not None:
+                log.info("the finish channel for generation %s is back", generation_id)
+                return pubsub
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(left, RESUBSCRIBE_INTERVAL))
 
     @staticmethod
     def _close(pubsub: Any) -> None:

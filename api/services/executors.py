@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 from ..models import FINISHED, Generation, Status
 
@@ -203,6 +204,16 @@ class ThreadExecutor:
                     if status is None and _is_finished(arg):
                         # Not ours: run as another job's companion, or cancelled while queued.
                         self.notify_finished(arg)
+            except (OperationalError, InterfaceError) as exc:
+                if action != "run":
+                    log.exception("worker thread error on %s %s", action, arg)
+                else:
+                    # The database stayed out of reach through the claim's own tries: the row
+                    # is still queued, and only this queue would ever hand it to the thread
+                    # again. It waits in line for the database, instead of being forgotten.
+                    log.warning("generation %s waits for the database: %s", arg, exc)
+                    self._queue.put((action, arg))
+                    time.sleep(1.0)
             except Exception:  # noqa: BLE001 - the worker thread must survive anything
                 log.exception("worker thread error on %s %s", action, arg)
             finally:

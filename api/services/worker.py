@@ -15,6 +15,7 @@ still holding this attempt (its worker and attempt number).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -22,10 +23,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from PIL import Image
@@ -43,6 +44,34 @@ log = logging.getLogger("api.worker")
 
 Notify = Callable[[Any], None]
 CancelFlag = Callable[[str], bool]
+T = TypeVar("T")
+
+# A database that restarts or fails over is gone for seconds: the writes that claim or end a
+# job are tried again on a new connection after these pauses (7.75 s in all). A longer outage
+# leaves the row ``running`` with a heartbeat that has stopped, for recovery to retry or fail.
+DB_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# The connection broke or could not be made: worth a new connection, unlike a bad statement.
+DB_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def with_db_retry(write: Callable[[], T], what: str) -> T:
+    """Run ``write`` again on a new connection while the database is unavailable.
+
+    ``write`` is one whole transaction, conditional on the row's state (and lease), so a try
+    whose commit went through just before its connection broke makes the next try a no-op.
+    Inside an outer transaction nothing is retried: that transaction is lost either way.
+    """
+    for delay in DB_RETRY_DELAYS:
+        try:
+            return write()
+        except DB_UNAVAILABLE:
+            if connection.in_atomic_block:
+                raise
+            log.warning("%s: the database is unavailable; trying again in %gs", what, delay, exc_info=True)
+            with contextlib.suppress(DatabaseError):
+                connection.close()  # the broken one: the next try connects anew
+            time.sleep(delay)
+    return write()
 
 
 # --- claiming ---------------------------------------------------------------------------------
@@ -208,6 +237,7 @@ class JobMonitor:
     # -- the side thread -------------------------------------------------------------------
     def _run(self) -> None:
         last_beat = last_poll = time.monotonic()
+        failing = False
         try:
             while not self._stop.is_set():
                 self._wake.wait(self.tick)
@@ -222,10 +252,19 @@ class JobMonitor:
                         last_beat = now
                         self._beat()
                 except Exception:  # noqa: BLE001 - a missed write is retried; a long outage reads as death
-                    log.warning("job monitor: a database write failed", exc_info=True)
+                    # Once per outage, not at every tick.
+                    log.log(
+                        logging.DEBUG if failing else logging.WARNING,
+                        "job monitor: a database write failed",
+                        exc_info=True,
+                    )
+                    failing = True
                     close_old_connections()
+                else:
+                    failing = False
         finally:
-            connection.close()
+            with contextlib.suppress(DatabaseError):
+                connection.close()
 
     def _write_progress(self) -> None:
         with self._lock:
@@ -382,7 +421,11 @@ def execute(
     go to the finisher, and a lead that is being saved returns ``running``; each member's end
     is announced through ``notify`` either way.
     """
-    if not jobs.generation_claim(generation_id=generation_id, worker=worker):
+    claimed = with_db_retry(
+        lambda: jobs.generation_claim(generation_id=generation_id, worker=worker),
+        f"claiming generation {generation_id}",
+    )
+    if not claimed:
         return None
     lead_row = Generation.objects.filter(pk=generation_id).first()
     lead = Claimed(generation_id, {"worker": worker[:128], "attempts": lead_row.attempts if lead_row else 0})
@@ -413,7 +456,7 @@ def execute(
                 continue
             if key not in statuses:
                 try:
-                    jobs._finish(
+                    _finish(
                         member.id,
                         Status.FAILED,
                         member.lease,
@@ -429,6 +472,13 @@ def execute(
             monitor.release(member.id)
             _announce(notify, member.id)
     return statuses.get(str(generation_id), Status.RUNNING if str(generation_id) in handed else None)
+
+
+def _finish(generation_id: Any, status: str, lease: dict[str, Any], **fields: Any) -> int:
+    """``jobs._finish``, tried again while the database is unavailable."""
+    return with_db_retry(
+        lambda: jobs._finish(generation_id, status, lease, **fields), f"ending generation {generation_id}"
+    )
 
 
 def _announce(notify: Notify | None, generation_id: Any) -> None:
@@ -538,7 +588,7 @@ def _fail(member: _Member, error: BaseException) -> str:
     generation_id, lease = member.claimed.id, member.claimed.lease
     metrics.job_failed(member.row, error)
     if isinstance(error, GenerationCancelled):
-        jobs._finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(error)})
+        _finish(generation_id, Status.CANCELLED, lease, error={"code": "cancelled", "message": str(error)})
         return Status.CANCELLED
     if isinstance(error, EngineError):
         log.warning("generation %s failed: %s (%s)", generation_id, error.message, error.code)
@@ -550,7 +600,7 @@ def _fail(member: _Member, error: BaseException) -> str:
             "message": f"generation failed unexpectedly ({type(error).__name__})",
             "http_status": 500,
         }
-    jobs._finish(generation_id, Status.FAILED, lease, error=error_body)
+    _finish(generation_id, Status.FAILED, lease, error=error_body)
     return Status.FAILED
 
 
@@ -570,6 +620,13 @@ def _save(member: _Member, output: GenerationOutput, run_s: float) -> str:
     folder = jobs.generation_dir(generation_id)
     try:
         return _write(member, output, run_s)
+    except DB_UNAVAILABLE:
+        # The images are written, but the database stayed out of reach through every try: no
+        # end can be written now, and it is no storage error. The row stays ``running`` and its
+        # heartbeat stops with this attempt: once the database is back and the heartbeat is
+        # stale, recovery retries the job, or fails it worker_lost.
+        log.exception("generation %s: its end could not be written to the database", generation_id)
+        return Status.RUNNING
     except Exception as exc:  # noqa: BLE001 - a save that fails is a failed job, never a stuck one
         log.exception("generation %s: its images could not be saved", generation_id)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -586,7 +643,7 @@ def _save(member: _Member, output: GenerationOutput, run_s: float) -> str:
             }
         try:
             metrics.job_failed(row, exc)
-            jobs._finish(generation_id, Status.FAILED, lease, error=error)
+            _finish(generation_id, Status.FAILED, lease, error=error)
         finally:
             if not Generation.objects.filter(pk=row.pk, status__in=[Status.RUNNING, Status.SUCCEEDED]).exists():
                 storage.delete_prefix(folder)
@@ -625,20 +682,27 @@ def _write(member: _Member, output: GenerationOutput, run_s: float) -> str:
         "save_s": round(time.perf_counter() - t1, 4),
     }
     steps = member.params.steps
-    with transaction.atomic():
-        done = jobs._finish(
-            generation_id,
-            Status.SUCCEEDED,
-            lease,
-            backend=output.backend,
-            timings=timings,
-            warnings=output.warnings,
-            params={**row.params, **output.provenance},
-            progress={"step": steps, "total_steps": steps, "fraction": 1.0},
-            error=None,
-        )
-        if done:
-            GeneratedImage.objects.bulk_create(written)
+
+    def write_end() -> int:
+        with transaction.atomic():
+            done = jobs._finish(
+                generation_id,
+                Status.SUCCEEDED,
+                lease,
+                backend=output.backend,
+                timings=timings,
+                warnings=output.warnings,
+                params={**row.params, **output.provenance},
+                progress={"step": steps, "total_steps": steps, "fraction": 1.0},
+                error=None,
+            )
+            if done:
+                for image in written:
+                    image.pk = None  # a try rolled back after its insert leaves keys behind
+                GeneratedImage.objects.bulk_create(written)
+        return done
+
+    done = with_db_retry(write_end, f"ending generation {generation_id}")
     if not done:
         # Deleted, cancelled or failed over while we ran: leave no files without a row. A
         # row that another attempt now runs or finished keeps the folder: its images have
