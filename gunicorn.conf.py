@@ -11,9 +11,9 @@ Django settings read it):
   never load a model. Any number of processes is fine; WEB_CONCURRENCY sets it (default
   2 x CPUs + 1, at most 8).
 
-Each synchronous generate request holds one thread while it waits (up to SYNC_TIMEOUT), so
-GUNICORN_THREADS is also how many synchronous requests one process can hold at once; async
-requests and reads take a thread only for milliseconds.
+Each synchronous generate request holds one thread while it waits (up to SYNC_TIMEOUT). At
+most MAX_SYNC_WAITERS of them wait at once (default: GUNICORN_THREADS less a quarter), so the
+rest of the threads stay free for reads and async requests, which take one for milliseconds.
 """
 
 from __future__ import annotations
@@ -101,3 +101,13 @@ def on_exit(server: object) -> None:
     from api.metrics import files
 
     files.cleanup()
+
+
+def worker_abort(worker: object) -> None:
+    # gunicorn aborts a process whose main loop stopped answering for GUNICORN_TIMEOUT seconds:
+    # every thread's stack goes to the log first, so the log says where it hung.
+    import faulthandler
+    import sys
+
+    sys.stderr.write(f"process {os.getpid()} stopped answering; its threads:\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

@@ -43,7 +43,7 @@ from .serializers import (
     InpaintRequestSerializer,
     Txt2ImgRequestSerializer,
 )
-from .services import jobs, system, webhooks
+from .services import backpressure, jobs, system, webhooks
 from .services.events import EventStream, TooManyStreams, get_hub, parse_last_event_id
 
 
@@ -100,24 +100,34 @@ class _GenerateView(APIView):
                 owner=owner,
                 base_url=request.build_absolute_uri("/"),
             )
-        generation, _created = jobs.generation_create(
-            params=data["resolved"],
-            init_image=data.get("image"),
-            mask_image=data.get("mask"),
-            response_format=data.get("response_format", "url"),
-            owner=owner,
-            webhook=webhook,
-            idempotency_key=idempotency_key,
-            fingerprint=_fingerprint(serializer.kind, data) if idempotency_key else "",
-        )
-        if not _wants_async(request, data) and not generation.is_finished:
-            generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
+        # Past MAX_SYNC_WAITERS a synchronous request gets no place to wait in: it is answered
+        # like an async one (202 + Location) and its job runs all the same.
+        slot = None if _wants_async(request, data) else backpressure.sync_slot_try()
+        try:
+            generation, _created = jobs.generation_create(
+                params=data["resolved"],
+                init_image=data.get("image"),
+                mask_image=data.get("mask"),
+                response_format=data.get("response_format", "url"),
+                owner=owner,
+                webhook=webhook,
+                idempotency_key=idempotency_key,
+                fingerprint=_fingerprint(serializer.kind, data) if idempotency_key else "",
+            )
+            if slot is not None and not generation.is_finished:
+                generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
+        finally:
+            if slot is not None:
+                slot.release()
         return _generation_response(request, generation)
 
 
 _GEN_RESPONSES = {
     200: OpenApiResponse(GenerationSerializer, description="The finished generation."),
-    202: OpenApiResponse(GenerationSerializer, description="Queued (async, or past SYNC_TIMEOUT); Location names it."),
+    202: OpenApiResponse(
+        GenerationSerializer,
+        description="Queued (async, past SYNC_TIMEOUT, or past MAX_SYNC_WAITERS); Location names it.",
+    ),
     **error_responses(400, 401, 413, 415, 422, 429, 500, 502, 503, 504, generation=True, why=GENERATION_ERRORS),
 }
 

@@ -209,6 +209,10 @@ RATE_LIMITS = {
 }
 # Queued + running jobs one key may have at once; counted in the database, so it holds across processes.
 MAX_ACTIVE_JOBS_PER_KEY = _wrap(env_int, env, "MAX_ACTIVE_JOBS_PER_KEY", 8, minimum=1)
+# Queued jobs of all keys together (0: no limit); past it a create answers 503 queue_full with
+# Retry-After. 256 is already minutes of work at a second a job, about SYNC_TIMEOUT: a longer
+# queue would only make synchronous requests time out instead of telling clients to come back.
+MAX_QUEUED_JOBS = _wrap(env_int, env, "MAX_QUEUED_JOBS", 256, minimum=0)
 
 # Rate-limit counters live in the cache: set CACHE_URL (redis://...) when several processes serve.
 CACHE_URL = env.get("CACHE_URL", "").strip()
@@ -223,6 +227,14 @@ else:
 DEFAULT_MODEL = env.get("DEFAULT_MODEL", "tiny-sd")
 QUEUE = _wrap(env_choice, env, "QUEUE", "thread", ("thread", "celery"))
 SYNC_TIMEOUT = _wrap(env_float, env, "SYNC_TIMEOUT", 300.0, minimum=0.0)
+# Synchronous requests one process holds open while their jobs run (each holds a server thread).
+# Past it the native API answers 202 (the job runs; poll its Location) and the foreign protocols,
+# which can't, answer 503 with Retry-After before creating anything. The default leaves a quarter
+# of gunicorn.conf.py's GUNICORN_THREADS for reads and async requests.
+_GUNICORN_THREADS = _wrap(env_int, env, "GUNICORN_THREADS", 16, minimum=1)
+MAX_SYNC_WAITERS = _wrap(
+    env_int, env, "MAX_SYNC_WAITERS", max(1, _GUNICORN_THREADS - max(1, _GUNICORN_THREADS // 4)), minimum=1
+)
 MAX_ATTEMPTS = _wrap(env_int, env, "MAX_ATTEMPTS", 2, minimum=1, maximum=10)
 PRELOAD_MODELS = list(_wrap(env_list, env, "PRELOAD_MODELS"))
 PROGRESS_MIN_INTERVAL = _wrap(env_float, env, "PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)

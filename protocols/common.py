@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,8 @@ from rest_framework.views import APIView
 from api.auth import ClientCompatibleAuthentication, GenerateRateThrottle, KeyRequiredIfConfigured, request_key
 from api.exceptions import _CODES, ApiError, _fields, _flatten
 from api.models import ApiKey, Generation, Status
-from api.services import jobs
+from api.services import backpressure, jobs
+from api.services.backpressure import WaiterSlot
 from api.services.requests import GenerationRequest, RequestInvalid, generation_request_validate
 from backend.errors import EngineError
 
@@ -147,20 +148,61 @@ class ProtocolView(APIView):
     def owner(self) -> ApiKey | None:
         return request_key(self.request)
 
-    def generate(self, *, kind: str, fields: Mapping[str, Any], wait: bool = True) -> Generation:
-        """Validate native-named ``fields``, create the job under the caller's key, and (unless
-        ``wait`` is False) wait for it up to SYNC_TIMEOUT. Raises RequestInvalid / ApiError."""
-        valid: GenerationRequest = generation_request_validate(kind=kind, data=fields)
-        generation, _ = jobs.generation_create(
-            params=valid.params,
-            init_image=valid.init_image,
-            mask_image=valid.mask_image,
-            response_format=valid.response_format,
-            owner=self.owner(),
-        )
-        if wait and not generation.is_finished:
-            generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
+    def generate(self, *, kind: str, fields: Mapping[str, Any]) -> Generation:
+        """Validate native-named ``fields``, create the job under the caller's key and wait for
+        it up to SYNC_TIMEOUT. Raises RequestInvalid / ApiError; past MAX_SYNC_WAITERS a 503
+        ``too_many_sync_requests``, before anything is created (these protocols have no 202)."""
+        generation, slot = self.generate_held(kind=kind, fields=fields)
+        try:
+            if not generation.is_finished:
+                generation = jobs.generation_wait(generation=generation, timeout=settings.SYNC_TIMEOUT)
+        finally:
+            slot.release()
         return generation
+
+    def generate_held(self, *, kind: str, fields: Mapping[str, Any]) -> tuple[Generation, WaiterSlot]:
+        """Create the job without waiting, holding one of the MAX_SYNC_WAITERS places for the
+        caller to wait in (a stream, say) and release when it is done."""
+        valid: GenerationRequest = generation_request_validate(kind=kind, data=fields)
+        slot = backpressure.sync_slot_acquire()
+        try:
+            generation, _ = jobs.generation_create(
+                params=valid.params,
+                init_image=valid.init_image,
+                mask_image=valid.mask_image,
+                response_format=valid.response_format,
+                owner=self.owner(),
+            )
+        except BaseException:
+            slot.release()
+            raise
+        return generation, slot
+
+
+class Releasing:
+    """A streamed body that calls ``release`` once it is done: read to its end, or closed by
+    the server (as it is when the client goes away), even before its first item."""
+
+    def __init__(self, body: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._body = iter(body)
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._body
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            release()
 
 
 def json_body(request: Request) -> dict[str, Any]:

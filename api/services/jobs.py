@@ -95,6 +95,7 @@ def generation_create(
     Returns ``(generation, created)``: a retried request with the same ``Idempotency-Key``
     gets the first generation back and ``created`` is False.
     """
+    from .backpressure import queue_check, queue_lock
     from .executors import get_executor
     from .retention import storage_quota_check
 
@@ -103,6 +104,10 @@ def generation_create(
         if existing is not None:
             return existing, False
     storage_quota_check(owner=owner)
+    if not idempotency_key:
+        # Unlocked, before any file is written: a full queue costs a refusal nothing. The check
+        # that counts is the one under the lock below (which lets a concurrent twin through).
+        queue_check()
     generation_id = uuid.uuid4()
     input_name = mask_name = ""
     input_bytes = 0
@@ -125,8 +130,11 @@ def generation_create(
     generation: Generation | None = None
     try:
         with transaction.atomic():
+            queue_lock()
             if owner is not None:
                 _check_active_cap(owner, idempotency_key=idempotency_key)
+            if not (idempotency_key and _has_twin(owner=owner, idempotency_key=idempotency_key)):
+                queue_check()
             generation = Generation.objects.create(
                 id=generation_id,
                 kind=params.kind,
@@ -176,12 +184,16 @@ def _idempotent_match(*, owner: ApiKey | None, idempotency_key: str, fingerprint
     return existing
 
 
+def _has_twin(*, owner: ApiKey | None, idempotency_key: str) -> bool:
+    return Generation.objects.filter(owner=owner, idempotency_key=idempotency_key).exists()
+
+
 def _check_active_cap(owner: ApiKey, *, idempotency_key: str | None = None) -> None:
     """Per-key cap on queued + running jobs, counted in the database under a row lock."""
     cap = settings.MAX_ACTIVE_JOBS_PER_KEY
     # Locking the key's row serialises concurrent creates for one key across processes.
     ApiKey.objects.select_for_update().filter(pk=owner.pk).first()
-    if idempotency_key and Generation.objects.filter(owner=owner, idempotency_key=idempotency_key).exists():
+    if idempotency_key and _has_twin(owner=owner, idempotency_key=idempotency_key):
         # A concurrent twin (same Idempotency-Key) got in first: the insert then fails on the
         # unique key and this request gets the twin's job, not a 429 for the slot that job took.
         return

@@ -18,7 +18,7 @@ from api.models import Generation
 from api.selectors import model_catalog
 from api.services import jobs
 from api.services.requests import RequestInvalid, image_decode
-from protocols.common import Problem, ProtocolView, generation_problem, json_body
+from protocols.common import Problem, ProtocolView, Releasing, generation_problem, json_body
 
 from .encoding import encode_b64
 from .errors import PARAM_OF_NATIVE, error_response
@@ -48,12 +48,16 @@ class ImagesView(OpenAIView):
 
     def run(self, req: ImagesRequest) -> Response | StreamingHttpResponse:
         try:
-            generation = self.generate(kind=req.kind, fields=req.fields, wait=not req.stream)
+            if req.stream:
+                # The stream holds its thread while the job runs, as a synchronous request does.
+                generation, slot = self.generate_held(kind=req.kind, fields=req.fields)
+            else:
+                generation = self.generate(kind=req.kind, fields=req.fields)
         except RequestInvalid as exc:
             raise native_invalid(exc, req) from None
         if req.stream:
             events = image_events(generation_id=generation.id, prefix=self.stream_prefix, req=req)
-            response = StreamingHttpResponse(events, content_type="text/event-stream")
+            response = StreamingHttpResponse(Releasing(events, slot.release), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
