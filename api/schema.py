@@ -25,10 +25,26 @@ from .serializers import Img2ImgRequestSerializer, InpaintRequestSerializer
 # --- authentication ---------------------------------------------------------------------------
 
 
-def native_endpoints_only(endpoints: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The schema describes the native API; /v1/, /sdapi/v1/ and /models/ follow their owners'
-    specifications, field by field in docs/compat.md."""
-    return [endpoint for endpoint in endpoints if endpoint[0].startswith("/api/")]
+# Where the described protocols live: the native API, OpenAI Images, A1111 (with its
+# /internal/ping) and the HF task route. Admin, the playground, media and /metrics are not API.
+DESCRIBED_PREFIXES = ("/api/", "/v1/", "/sdapi/v1/", "/internal/ping", "/models/")
+
+
+def described_endpoints(endpoints: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Every protocol's endpoints, the foreign ones at the paths their clients send.
+
+    A catch-all route (a ``.*`` pattern that answers "not found" in its protocol's shape) is
+    no operation. The foreign protocols' routes accept an optional trailing slash; their
+    clients send none, so neither does the schema.
+    """
+    described = []
+    for path, path_regex, method, callback in endpoints:
+        if not path.startswith(DESCRIBED_PREFIXES) or ".*" in path_regex:
+            continue
+        if not path.startswith("/api/") and path_regex.endswith("/?$"):
+            path = path.rstrip("/")
+        described.append((path, path_regex, method, callback))
+    return described
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
@@ -48,6 +64,28 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
     def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
         # {} is OpenAPI's "no credentials needed": a key is optional while auth is off.
         return [{self.name: []}] if settings.AUTH_REQUIRED else [{self.name: []}, {}]
+
+
+class ClientKeyScheme(OpenApiAuthenticationExtension):
+    """The foreign protocols' clients: the key as a Bearer token (the ApiKey scheme), or as
+    the password of Basic auth (Open WebUI, SillyTavern); with AUTH_REQUIRED off, an unknown
+    key is anonymous."""
+
+    target_class = "api.auth.ClientCompatibleAuthentication"
+    # Its own name only for Basic: a scheme name belongs to one authentication class, and
+    # ApiKey is defined by the native API's, which every schema includes.
+    name = "ApiKeyBasic"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "scheme": "basic",
+            "description": "The API key as the password of Basic auth; the user name is ignored.",
+        }
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        required = [{ApiKeyScheme.name: []}, {self.name: []}]
+        return required if settings.AUTH_REQUIRED else [*required, {}]
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -89,7 +127,7 @@ _ERROR_DESCRIPTIONS = {
     429: "Over the rate limit (`rate_limited`); see Retry-After.",
     500: "The server hit an unexpected error.",
     502: "The remote inference service answered with an error.",
-    503: "The queue, the model or the device is unavailable (`queue_unavailable`, `model_unavailable`, ...).",
+    503: "The queue, the model or the device is unavailable, or the server is full (`queue_unavailable`, `queue_full`, `model_unavailable`, ...); see Retry-After.",
     504: "The remote inference service timed out.",
 }
 

@@ -97,6 +97,10 @@ class Soak:
             "GUNICORN_LOG_LEVEL": "warning",
             "CELERY_BROKER_URL": args.redis,
             "CELERY_DEFAULT_QUEUE": f"faults-{uuid.uuid4().hex[:8]}",
+            # One CPU thread per process: the soak measures what survives, not speed, and
+            # several processes each spinning a core-sized OpenMP pool on a small box run
+            # 10-20 times slower than one.
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         }
         if args.database_url:
             self.env.pop("SQLITE_PATH")

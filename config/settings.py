@@ -190,8 +190,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # /api/schema/ and /api/docs/ need a key like every endpoint but health (AUTH_REQUIRED).
     "SERVE_PERMISSIONS": ["api.auth.KeyRequiredIfConfigured"],
-    # The native API under /api/; the foreign protocols are documented in docs/compat.md.
-    "PREPROCESSING_HOOKS": ["api.schema.native_endpoints_only"],
+    # The native API under /api/ and the three foreign protocols (/v1/, /sdapi/v1/, /models/),
+    # each under its own tag; docs/compat.md has them field by field.
+    "PREPROCESSING_HOOKS": ["api.schema.described_endpoints"],
+    # Native operation ids and tags as before (results_list, tag "results"), though the schema
+    # spans several top-level paths now.
+    "SCHEMA_PATH_PREFIX": r"/(?:api/)?",
     # One name for the webhook events, which the request, the resource and its deliveries share.
     "ENUM_NAME_OVERRIDES": {"WebhookEventEnum": ["completed", "failed", "cancelled"]},
 }

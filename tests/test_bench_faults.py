@@ -20,6 +20,7 @@ from tests.conftest import require_service
 ROOT = Path(settings.BASE_DIR)
 
 
+@pytest.mark.own_database
 @pytest.mark.slow
 @pytest.mark.redis
 def test_killed_workers_leave_no_stuck_job_no_duplicate_and_no_orphan_file(tiny_model_dirs, tmp_path):

@@ -18,6 +18,8 @@ import pytest
 from django.conf import settings
 
 ROOT = Path(settings.BASE_DIR)
+# Its servers run on a SQLite file of their own.
+pytestmark = pytest.mark.own_database
 BATCHES = ("b1", "b4")
 
 

@@ -17,6 +17,7 @@ from bench.overload import summarise
 ROOT = Path(settings.BASE_DIR)
 
 
+@pytest.mark.own_database
 @pytest.mark.slow
 def test_four_times_the_capacity_is_answered_with_backpressure_and_no_5xx(tiny_model_dirs, tmp_path):
     out = tmp_path / "overload.json"

@@ -3,7 +3,7 @@ so are the doubled leading slashes a base URL ending in "/" makes (Open WebUI)."
 
 from django.urls import re_path
 
-from . import views
+from . import schema, views  # noqa: F401 - schema: these views' OpenAPI description
 
 _P = r"^(?:/)*sdapi/v1/"  # (?:/)* rather than /*: the same match, without urls.W002
 

@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+from . import schema  # noqa: F401 - the view's OpenAPI description
 from .views import ModelTaskView
 
 # <path:...> keeps the slash of a hub repository (owner/name); a trailing slash is dropped

@@ -2,7 +2,7 @@
 
 from django.urls import path, re_path
 
-from . import views
+from . import schema, views  # noqa: F401 - schema: these views' OpenAPI description
 
 urlpatterns = [
     re_path(r"^v1/images/generations/?$", views.GenerationsView.as_view(), name="openai-images-generations"),

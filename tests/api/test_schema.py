@@ -208,3 +208,109 @@ def test_an_error_outside_a_view_answers_in_the_error_shape(rf) -> None:
     assert response["Content-Type"] == "application/json"
     assert b"internal_error" in response.content
     assert "application/json" not in server_error_view(rf.get("/admin/"))["Content-Type"]
+
+
+# method, path, tag: every operation of the foreign protocols (docs/compat.md), at the paths
+# their clients send.
+A1111_LISTINGS = (
+    "sd-models samplers schedulers upscalers latent-upscale-modes sd-vae sd-modules loras hypernetworks "
+    "face-restorers realesrgan-models prompt-styles extensions script-info embeddings scripts cmd-flags memory"
+).split()
+FOREIGN_OPERATIONS = [
+    ("post", "/v1/images/generations", "OpenAI Images"),
+    ("post", "/v1/images/edits", "OpenAI Images"),
+    ("post", "/v1/images/variations", "OpenAI Images"),
+    ("get", "/v1/models", "OpenAI Images"),
+    ("get", "/v1/models/{model_id}", "OpenAI Images"),
+    ("post", "/sdapi/v1/txt2img", "AUTOMATIC1111"),
+    ("post", "/sdapi/v1/img2img", "AUTOMATIC1111"),
+    ("get", "/sdapi/v1/options", "AUTOMATIC1111"),
+    ("post", "/sdapi/v1/options", "AUTOMATIC1111"),
+    ("get", "/sdapi/v1/progress", "AUTOMATIC1111"),
+    ("post", "/sdapi/v1/interrupt", "AUTOMATIC1111"),
+    ("post", "/sdapi/v1/skip", "AUTOMATIC1111"),
+    ("post", "/sdapi/v1/png-info", "AUTOMATIC1111"),
+    *[("post", f"/sdapi/v1/refresh-{what}", "AUTOMATIC1111") for what in ("checkpoints", "loras", "embeddings")],
+    *[("get", f"/sdapi/v1/{name}", "AUTOMATIC1111") for name in A1111_LISTINGS],
+    ("get", "/internal/ping", "AUTOMATIC1111"),
+    ("post", "/models/{model_id}", "Hugging Face task"),
+]
+# Each protocol's own error shape.
+FOREIGN_ERRORS = {
+    "OpenAI Images": {"#/components/schemas/OpenAIError"},
+    "AUTOMATIC1111": {"#/components/schemas/A1111HTTPError", "#/components/schemas/A1111ValidationError"},
+    "Hugging Face task": {"#/components/schemas/HFError"},
+}
+
+
+def test_the_schema_describes_every_protocol_and_nothing_else() -> None:
+    schema = build_schema()
+    paths = schema["paths"]
+    described = {(method, path) for path, operations in paths.items() for method in operations}
+    foreign = {(method, path) for method, path, _ in FOREIGN_OPERATIONS}
+    assert foreign <= described, sorted(foreign - described)
+    native = {(method, path) for method, path in described if path.startswith("/api/")}
+    assert set(CONTRACT) <= native
+    # No admin, playground, media, /metrics, nor the catch-all routes that answer 404.
+    assert described == native | foreign, sorted(described - native - foreign)
+    ids = [op["operationId"] for operations in paths.values() for op in operations.values()]
+    assert len(ids) == len(set(ids))
+
+    for method, path, tag in FOREIGN_OPERATIONS:
+        operation = paths[path][method]
+        assert operation["tags"] == [tag], (method, path)
+        responses = operation["responses"]
+        assert "200" in responses, (method, path)
+        errors = {code for code in responses if code[0] in "45"}
+        assert errors, (method, path)
+        for code in errors:
+            ref = responses[code]["content"]["application/json"]["schema"]["$ref"]
+            assert ref in FOREIGN_ERRORS[tag], (method, path, code, ref)
+            assert responses[code]["description"]
+        if path != "/internal/ping":
+            assert {"401", "429"} <= errors, (method, path)
+            assert {"ApiKeyBasic": []} in operation["security"] and {"ApiKey": []} in operation["security"]
+        else:
+            assert "security" not in operation  # A1111 answers it without credentials
+
+    a1111_422 = paths["/sdapi/v1/txt2img"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert a1111_422 == {"$ref": "#/components/schemas/A1111ValidationError"}
+
+
+def test_the_foreign_bodies_are_the_ones_each_protocol_reads_and_answers(settings) -> None:
+    settings.GENERATION_LIMITS = {**settings.GENERATION_LIMITS, "MAX_STEPS": 3, "MAX_NUM_IMAGES": 2}
+    schema = build_schema()
+    paths, components = schema["paths"], schema["components"]["schemas"]
+
+    def body(path: str) -> dict[str, Any]:
+        return paths[path]["post"]["requestBody"]["content"]
+
+    assert set(body("/v1/images/generations")) == {"application/json"}
+    assert set(body("/v1/images/edits")) == {"application/json", "multipart/form-data"}
+    assert set(body("/v1/images/variations")) == {"application/json", "multipart/form-data"}
+    assert set(body("/sdapi/v1/txt2img")) == {"application/json"}
+    assert set(body("/models/{model_id}")) == {"application/json", "text/plain"}
+
+    generation = components["OpenAIImageGenerationRequest"]
+    assert generation["required"] == ["prompt"] and generation["additionalProperties"] is False
+    assert generation["properties"]["n"]["maximum"] == 2
+    edit = components["OpenAIImageEditRequest"]["properties"]
+    assert edit["image"]["format"] == edit["mask"]["format"] == "binary"
+    assert edit["image[]"]["items"]["format"] == "binary"
+    streamed = paths["/v1/images/generations"]["post"]["responses"]["200"]["content"]
+    assert set(streamed) == {"application/json", "text/event-stream"}
+    assert set(components["OpenAIError"]["properties"]["error"]["required"]) == {"message", "type", "param", "code"}
+
+    a1111 = components["A1111Txt2ImgRequest"]
+    assert a1111["required"] == ["prompt"] and "additionalProperties" not in a1111  # the rest is ignored
+    assert a1111["properties"]["steps"]["maximum"] == 3
+    assert sorted(components["A1111Img2ImgRequest"]["required"]) == ["init_images", "prompt"]
+    assert components["A1111GenerationResponse"]["required"] == ["images", "parameters", "info"]
+
+    hf = paths["/models/{model_id}"]["post"]
+    answer = hf["responses"]["200"]
+    assert set(answer["content"]) == {"image/png", "image/jpeg", "image/webp"}
+    assert {"X-Generation-Id", "X-Seed"} <= set(answer["headers"])
+    assert components["HFParameters"]["additionalProperties"] is False
+    assert components["HFParameters"]["properties"]["num_inference_steps"]["maximum"] == 3
+    assert components["HFError"]["required"] == ["error"]

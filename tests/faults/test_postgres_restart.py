@@ -31,7 +31,7 @@ from tests.faults.services import (
     require_program,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.own_database]
 
 # Long enough that the stop lands while it runs.
 SLOW = {"width": 64, "height": 64, "steps": 60}
