@@ -6,7 +6,8 @@ time, and count what the jobs became.
 
 Each mode gets a throwaway SQLite database (or --database-url) and media folder, gunicorn on
 loopback and the built-in tiny model. Jobs are sent as async POSTs to /api/txt2img/; most share
-one batch key, so the worker runs them as micro-batches (BATCH_MAX_IMAGES).
+one batch key, so the worker runs them as micro-batches (BATCH_MAX_IMAGES); every fourth makes
+four large images in two steps, so that saving is most of its time.
 
 - ``celery``: the web process stays up; the Celery worker (its own process group) is killed
   with SIGKILL and started again. Its start-up pass finds the dead worker's jobs.
@@ -50,6 +51,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,7 @@ class Soak:
     # -- processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         self.starts[name] += 1
+        self.started_wall = time.time()
         log = (self.tmp / f"{name}-{self.starts[name]}.log").open("wb")
         # A session of its own: SIGKILL goes to the whole group (gunicorn's workers, a pool's
         # children), as when a container or a machine dies.
@@ -196,6 +199,10 @@ class Soak:
             "num_images": 2 if seed % 5 == 0 else 1,
             "async": True,
         }
+        if seed % 4 == 0:
+            # Few steps and four large images: most of the job is saving them, so a kill can
+            # land there (at 64x64 the files are written in a few milliseconds).
+            body.update(steps=2, width=args.save_size, height=args.save_size, num_images=4)
         req = urllib.request.Request(
             f"{self.url}/api/txt2img/",
             data=json.dumps(body).encode(),
@@ -253,34 +260,61 @@ def _folder(soak: Soak, gid: Any) -> Path:
     return soak.media / "generations" / str(gid)
 
 
-def _find_moment(soak: Soak, moment: str, ids: list[str], wait: float) -> str:
-    """Wait up to ``wait`` seconds for ``moment``; returns the moment that was caught."""
+def _find_moment(soak: Soak, moment: str, ids: list[str], wait: float) -> tuple[str, str | None]:
+    """Wait up to ``wait`` seconds for ``moment``; returns the moment caught and, for
+    ``saving``, the job whose files were appearing."""
     if moment == "random":
         time.sleep(random.uniform(0, wait))
-        return "random"
+        return "random", None
+    if moment == "saving":
+        # Its window is milliseconds long at each job's end: give it more jobs' ends to hit.
+        return _find_saving(soak, ids, 3 * wait)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        running = [r for r in _rows(ids) if r["status"] == "running"]
+        rows = _rows(ids)
+        running = [r for r in rows if r["status"] == "running"]
         if moment == "running" and any((r["progress"] or {}).get("step", 0) >= 1 for r in running):
-            return moment
+            return moment, None
         if moment == "batch":
             together = Counter((r["worker"], r["started_at"]) for r in running)
             if any(n >= 2 for n in together.values()):
-                return moment
-        if moment == "saving":
-            for r in running:
-                # The last step is done (the images are being decoded, encoded and written),
-                # or the first files are already there, and the row is not final yet.
-                progress = r["progress"] or {}
-                if progress.get("total_steps") and progress.get("step", 0) >= progress["total_steps"]:
-                    return moment
-                folder = _folder(soak, r["id"])
-                if folder.exists() and any(folder.iterdir()):
-                    return moment
-        if all(r["status"] in FINISHED for r in _rows(ids)):
+                return moment, None
+        if all(r["status"] in FINISHED for r in rows):
             break
-        time.sleep(0.005 if moment == "saving" else 0.02)
-    return "random"
+        time.sleep(0.02)
+    return "random", None
+
+
+def _find_saving(soak: Soak, ids: list[str], wait: float) -> tuple[str, str | None]:
+    """A job's files appearing, written since the last (re)start, while its row wasn't final at
+    the last look (at most 50 ms ago). The caller checks the row after the kill."""
+    root = soak.media / "generations"
+    deadline = time.monotonic() + wait
+    final: set[str] = set()
+    next_look = 0.0
+    while (now := time.monotonic()) < deadline:
+        if now >= next_look:
+            final = {str(r["id"]) for r in _rows(ids) if r["status"] in FINISHED}
+            if len(final) == len(ids):
+                break
+            next_look = now + 0.05
+        for folder in os.scandir(root) if root.exists() else []:
+            if folder.name in final:
+                continue
+            try:
+                if any(f.stat().st_mtime >= soak.started_wall for f in os.scandir(folder.path)):
+                    return "saving", folder.name
+            except FileNotFoundError:
+                continue  # removed meanwhile (a recovery cleaning up)
+        time.sleep(0.001)
+    return "random", None
+
+
+def _ended_before(gid: str, moment: datetime) -> bool:
+    from api.models import Generation
+
+    finished_at = Generation.objects.filter(pk=gid).values_list("finished_at", flat=True).first()
+    return finished_at is not None and finished_at <= moment
 
 
 def audit(soak: Soak, ids: list[str]) -> dict[str, Any]:
@@ -340,9 +374,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         for k in range(args.kills):
             if all(r["status"] in FINISHED for r in _rows(ids)):
                 break
-            kills[_find_moment(soak, MOMENTS[k % len(MOMENTS)], ids, args.moment_wait)] += 1
             done = _finished(ids)
+            moment, suspect = _find_moment(soak, MOMENTS[k % len(MOMENTS)], ids, args.moment_wait)
+            killed_at = datetime.now(UTC)
             soak.kill()
+            if suspect is not None and _ended_before(suspect, killed_at):
+                moment = "random"  # its row was final already: not a kill while saving
+            kills[moment] += 1
             # Spread the kills over the run: let at least one more job end before the next.
             deadline = time.monotonic() + args.moment_wait
             while time.monotonic() < deadline and _finished(ids) <= done < len(ids):
@@ -374,6 +412,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=6, help="kills per mode (cycling through the moments)")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--save-size", type=int, default=256, help="the size of every fourth job's four images")
     parser.add_argument("--batch-max", type=int, default=4)
     parser.add_argument("--max-attempts", type=int, default=3)
     parser.add_argument("--moment-wait", type=float, default=8.0, help="seconds to wait for a kill's moment")
