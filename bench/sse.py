@@ -4,8 +4,8 @@
     .venv/bin/python bench/sse.py --streams 50 --clients 2 --requests 8 --steps 8
 
 Each round runs the same generation load twice, once with no stream open and once with
-``--streams`` streams open (spread over the jobs being generated, and re-opened on the next
-job as each one ends), and reports:
+``--streams`` streams open (each follows the newest job to its end, then the next new one,
+as a page follows the job it started; never a finished job's stream again), and reports:
 
 - event latency: from the step's end on the worker (``progress.at``) to the client reading the
   ``progress`` event (same machine, same clock), p50/p95/max;
@@ -73,12 +73,16 @@ class Listener(threading.Thread):
         self.opened = 0
 
     def run(self) -> None:
+        followed: set[str] = set()
         while not self.stop.is_set():
+            # The newest job this client hasn't followed yet: a page follows each job once,
+            # it doesn't open a finished job's stream again and again.
             with self.lock:
-                job = self.jobs[-1] if self.jobs else None
+                job = self.jobs[-1] if self.jobs and self.jobs[-1] not in followed else None
             if job is None:
                 time.sleep(0.01)
                 continue
+            followed.add(job)
             try:
                 self.follow(job)
             except (OSError, http.client.HTTPException):
