@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import selectors
+import socket
 import statistics
 import sys
 import threading
@@ -63,64 +65,106 @@ def read(port: int) -> float:
     return time.perf_counter() - started
 
 
-class Listener(threading.Thread):
-    """One SSE client: follows one job to its end, then the next one handed to it."""
+class _Stream:
+    """One SSE client's state: the jobs it followed, and its open socket while it follows one."""
 
-    def __init__(self, port: int, jobs: list[str], lock: threading.Lock, latencies: list[float], stop: threading.Event):
+    def __init__(self) -> None:
+        self.followed: set[str] = set()
+        self.sock: socket.socket | None = None
+        self.buf = b""
+        self.head = True
+        self.event: dict[str, str] = {}
+
+
+class Listeners(threading.Thread):
+    """``n`` SSE clients on one thread, over non-blocking sockets under one selector, so the
+    clients cost the machine (which the server shares here) as little CPU as they can. Each
+    follows the newest job to its end, then the next new one: never a finished job again."""
+
+    def __init__(
+        self, port: int, n: int, jobs: list[str], lock: threading.Lock, latencies: list[float], stop: threading.Event
+    ):
         super().__init__(daemon=True)
         self.port, self.jobs, self.lock, self.latencies, self.stop = port, jobs, lock, latencies, stop
+        self.streams = [_Stream() for _ in range(n)]
         self.errors = 0
         self.opened = 0
+        self.selector = selectors.DefaultSelector()
 
     def run(self) -> None:
-        followed: set[str] = set()
-        while not self.stop.is_set():
-            # The newest job this client hasn't followed yet: a page follows each job once,
-            # it doesn't open a finished job's stream again and again.
-            with self.lock:
-                job = self.jobs[-1] if self.jobs and self.jobs[-1] not in followed else None
-            if job is None:
-                time.sleep(0.01)
-                continue
-            followed.add(job)
-            try:
-                self.follow(job)
-            except (OSError, http.client.HTTPException):
-                self.errors += 1
-                time.sleep(0.05)
-
-    def follow(self, job: str) -> None:
-        conn = _conn(self.port, 600)
-        conn.request("GET", f"/api/results/{job}/events/", headers={"Accept": "text/event-stream"})
-        response = conn.getresponse()
-        if response.status != 200:
-            self.errors += 1
-            response.read()
-            conn.close()
-            time.sleep(0.1)
-            return
-        self.opened += 1
-        event: dict[str, str] = {}
         try:
             while not self.stop.is_set():
-                raw = response.readline()
-                if not raw:
-                    return
-                line = raw.decode().rstrip("\n")
-                if line:
-                    name, _, value = line.partition(": ")
-                    event[name] = value
-                    continue
-                if event.get("event") == "progress":
-                    at = json.loads(event["data"]).get("at")
-                    if at is not None:
-                        with self.lock:
-                            self.latencies.append(time.time() - float(at))
-                if event.get("event") in ("completed", "failed", "cancelled"):
-                    return
-                event = {}
+                with self.lock:
+                    newest = self.jobs[-1] if self.jobs else None
+                if newest is not None:
+                    for stream in self.streams:
+                        if stream.sock is None and newest not in stream.followed:
+                            self._open(stream, newest)
+                for key, _ in self.selector.select(timeout=0.01):
+                    self._read(key.data)
         finally:
-            conn.close()
+            for stream in self.streams:
+                self._close(stream)
+
+    def _open(self, stream: _Stream, job: str) -> None:
+        stream.followed.add(job)
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            # HTTP/1.0: the server sends the stream as it is and closes it at the end (no chunks).
+            sock.sendall(f"GET /api/results/{job}/events/ HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n".encode())
+            sock.setblocking(False)
+        except OSError:
+            self.errors += 1
+            return
+        stream.sock, stream.buf, stream.head, stream.event = sock, b"", True, {}
+        self.selector.register(sock, selectors.EVENT_READ, stream)
+
+    def _close(self, stream: _Stream) -> None:
+        if stream.sock is not None:
+            self.selector.unregister(stream.sock)
+            stream.sock.close()
+            stream.sock = None
+
+    def _read(self, stream: _Stream) -> None:
+        assert stream.sock is not None
+        try:
+            data = stream.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.errors += 1
+            self._close(stream)
+            return
+        if not data:
+            self._close(stream)
+            return
+        stream.buf += data
+        if stream.head:
+            head, sep, rest = stream.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                self.errors += 1
+                self._close(stream)
+                return
+            self.opened += 1
+            stream.head, stream.buf = False, rest
+        *lines, stream.buf = stream.buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode().rstrip("\r")
+            if line:
+                name, _, value = line.partition(": ")
+                stream.event[name] = value
+                continue
+            event, stream.event = stream.event, {}
+            if event.get("event") == "progress":
+                at = json.loads(event["data"]).get("at")
+                if at is not None:
+                    with self.lock:
+                        self.latencies.append(time.time() - float(at))
+            if event.get("event") in ("completed", "failed", "cancelled"):
+                self._close(stream)
+                return
 
 
 def run_load(port: int, args: argparse.Namespace, streams: int) -> dict[str, Any]:
@@ -128,7 +172,7 @@ def run_load(port: int, args: argparse.Namespace, streams: int) -> dict[str, Any
     lock = threading.Lock()
     latencies: list[float] = []
     stop = threading.Event()
-    listeners = [Listener(port, jobs, lock, latencies, stop) for _ in range(streams)]
+    listeners = [Listeners(port, streams, jobs, lock, latencies, stop)] if streams else []
     for listener in listeners:
         listener.start()
     reads: list[float] = []
