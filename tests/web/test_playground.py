@@ -387,3 +387,52 @@ def test_the_page_assets_and_security_headers(live_server, live_db):
         assert caught.value.code == 404
     # The API is untouched beside it.
     assert http(live_server.url, "/api/health/") == {"status": "ok"}
+
+
+def test_loras_are_offered_sent_with_their_weights_reused_and_refused_beside_their_field(
+    page, live_server, tiny_model_dirs, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    from backend.manager import get_manager
+    from tests.fakes.tiny_adapters import make_tiny_lora
+
+    loras = tmp_path / "loras"
+    make_tiny_lora(tiny_model_dirs["tiny-sd"], loras / "fox.safetensors", key_format="diffusers", seed=1)
+    make_tiny_lora(
+        tiny_model_dirs["tiny-sdxl"], loras / "xl-only.safetensors", key_format="kohya", seed=3, text_encoder=True
+    )
+    manager = get_manager()  # the live server's in-process worker and its views share it
+    monkeypatch.setattr(manager, "config", dataclasses.replace(manager.config, lora_dir=loras))
+
+    open_playground(page)
+    assert page.locator("#loras-fieldset").is_visible()
+    names = page.locator("#loras-list input[type=checkbox]").evaluate_all("els => els.map(e => e.value)")
+    assert sorted(names) == ["fox", "xl-only"]
+    fox = names.index("fox")
+    fill(page, {"prompt": "a red fox", **FAST, "seed": "5"})
+    page.check(f"#lora-{fox}")
+    page.fill(f"#lora-weight-{fox}", "0.8")
+    page.click("#generate")
+    first_src = wait_done(page)
+    first = results(live_server.url)[0]
+    assert [(lora["name"], lora["weight"]) for lora in first["params"]["loras"]] == [("fox", 0.8)]
+
+    # Reuse puts the LoRA and its weight back, and Generate makes the same PNG.
+    page.uncheck(f"#lora-{fox}")
+    page.fill(f"#lora-weight-{fox}", "1")
+    page.locator(f"#history-grid .card[data-id='{first['id']}']").click()
+    page.click("#detail-reuse")
+    assert page.is_checked(f"#lora-{fox}") and page.input_value(f"#lora-weight-{fox}") == "0.8"
+    page.click("#generate")
+    second_src = wait_done(page, first_src)
+    assert media_path(second_src).read_bytes() == media_path(first_src).read_bytes()
+
+    # A LoRA of another family is refused, and the API's message is shown beside the LoRAs.
+    page.check(f"#lora-{1 - fox}")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('#loras-error').textContent !== ''")
+    message = page.inner_text("#loras-error")
+    assert "xl-only" in message and "sdxl" in message.lower(), message
+    assert len(results(live_server.url)) == 2  # nothing was created
+    expected_400(page)
