@@ -186,6 +186,7 @@ class ThreadExecutor:
     # -- the worker thread -------------------------------------------------------------------
     def _run(self) -> None:
         from .jobs import generation_execute
+        from .worker import recycle_connection
 
         while True:
             action, arg = self._queue.get()
@@ -222,7 +223,7 @@ class ThreadExecutor:
                     # can't be dropped while one is open).
                     connection.close()
                 else:
-                    close_old_connections()
+                    recycle_connection()  # the next job is waiting: no new connection for it
 
     @staticmethod
     def _preload(model_id: str) -> None:

@@ -43,9 +43,14 @@ def pid_space() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
+@cache
+def _hostname() -> str:
+    return socket.gethostname()[:64]
+
+
 def worker_identity(kind: str) -> str:
     """This process's name for the ``worker`` column; the pid is read now (pool children differ)."""
-    return f"{kind}@{socket.gethostname()[:64]}:{os.getpid()}/{pid_space()}"
+    return f"{kind}@{_hostname()}:{os.getpid()}/{pid_space()}"
 
 
 @dataclass(frozen=True)

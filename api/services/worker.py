@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,32 @@ def with_db_retry(write: Callable[[], T], what: str) -> T:
                 connection.close()  # the broken one: the next try connects anew
             time.sleep(delay)
     return write()
+
+
+# A thread that runs jobs back to back keeps its database connection between them for up to
+# this long (Django's CONN_MAX_AGE=0 would close it after each job, and the next claim would
+# open a new one: several ms on PostgreSQL, on the device's path).
+WORKER_CONN_MAX_AGE = 300.0
+
+
+def recycle_connection() -> None:
+    """Between two jobs on a thread that runs jobs: keep this thread's connection if it is sound.
+
+    Django's own checks decide, with ``WORKER_CONN_MAX_AGE`` as the lifetime where
+    ``CONN_MAX_AGE`` is 0: a connection left outside autocommit, or unusable after an error, is
+    closed. A kept one is checked (``CONN_HEALTH_CHECKS``) before its next use, so a database
+    that restarted meanwhile costs a new connection, not a failed job.
+    """
+    if connection.connection is None:
+        return
+    if connection.settings_dict.get("CONN_MAX_AGE") == 0:
+        raw = id(connection.connection)
+        opened = getattr(connection, "_worker_opened", None)
+        if opened is None or opened[0] != raw:
+            opened = connection._worker_opened = (raw, time.monotonic())
+        connection.close_at = opened[1] + WORKER_CONN_MAX_AGE
+    connection.health_check_enabled = True
+    connection.close_if_unusable_or_obsolete()
 
 
 # --- claiming ---------------------------------------------------------------------------------
@@ -170,14 +197,15 @@ class JobMonitor:
         self._previews: dict[str, tuple[int, int, Any]] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self.heartbeat_interval = settings.JOB_HEARTBEAT_INTERVAL
         self.tick = max(0.02, min(settings.PROGRESS_MIN_INTERVAL or 0.05, self.CANCEL_POLL_S, self.heartbeat_interval))
-        self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
+        self._last_beat = self._last_poll = time.monotonic()
+        self._failing = False
+        self._loop: _MonitorLoop | None = None
 
     def start(self) -> JobMonitor:
-        self._thread.start()
+        self._loop = _monitor_loop()
+        self._loop.watch(self)
         return self
 
     def add(self, members: list[Claimed]) -> None:
@@ -189,19 +217,15 @@ class JobMonitor:
                 self._writers[key] = jobs._ProgressWriter(m.id, m.lease)
 
     def release(self, generation_id: Any) -> None:
-        """Stop watching a member (it has ended); the thread ends with the last one."""
+        """Stop watching a member (it has ended); the monitor stops with the last one."""
         key = str(generation_id)
         with self._lock:
             self._leases.pop(key, None)
             self._progress.pop(key, None)
             self._previews.pop(key, None)
             last = not self._leases
-        if last:
-            self._stop.set()
-            self._wake.set()
-
-    def join(self, timeout: float = 5.0) -> None:
-        self._thread.join(timeout)
+        if last and self._loop is not None:
+            self._loop.unwatch(self)
 
     # -- called on the device thread: memory only ------------------------------------------
     def progress_fn(self, generation_id: Any) -> Callable[[int, int], None]:
@@ -217,7 +241,8 @@ class JobMonitor:
 
         def preview(step: int, total: int, image: Any) -> None:
             self._previews[key] = (step, total, image)
-            self._wake.set()
+            if self._loop is not None:
+                self._loop.wake()
 
         return preview
 
@@ -234,37 +259,29 @@ class JobMonitor:
 
         return should_cancel
 
-    # -- the side thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        last_beat = last_poll = time.monotonic()
-        failing = False
+    # -- on the monitor loop's thread ------------------------------------------------------
+    def service(self, now: float) -> None:
+        """One round: the progress and previews that came in, then the cancel flags and the
+        heartbeat when they are due."""
         try:
-            while not self._stop.is_set():
-                self._wake.wait(self.tick)
-                self._wake.clear()
-                now = time.monotonic()
-                try:
-                    self._write_progress()
-                    if now - last_poll >= self.CANCEL_POLL_S:
-                        last_poll = now
-                        self._poll_cancels()
-                    if now - last_beat >= self.heartbeat_interval:
-                        last_beat = now
-                        self._beat()
-                except Exception:  # noqa: BLE001 - a missed write is retried; a long outage reads as death
-                    # Once per outage, not at every tick.
-                    log.log(
-                        logging.DEBUG if failing else logging.WARNING,
-                        "job monitor: a database write failed",
-                        exc_info=True,
-                    )
-                    failing = True
-                    close_old_connections()
-                else:
-                    failing = False
-        finally:
-            with contextlib.suppress(DatabaseError):
-                connection.close()
+            self._write_progress()
+            if now - self._last_poll >= self.CANCEL_POLL_S:
+                self._last_poll = now
+                self._poll_cancels()
+            if now - self._last_beat >= self.heartbeat_interval:
+                self._last_beat = now
+                self._beat()
+        except Exception:  # noqa: BLE001 - a missed write is retried; a long outage reads as death
+            # Once per outage, not at every tick.
+            log.log(
+                logging.DEBUG if self._failing else logging.WARNING,
+                "job monitor: a database write failed",
+                exc_info=True,
+            )
+            self._failing = True
+            close_old_connections()
+        else:
+            self._failing = False
 
     def _write_progress(self) -> None:
         with self._lock:
@@ -327,6 +344,68 @@ class JobMonitor:
         for key, lease in leases.items():
             held |= Q(pk=self._ids[key], **lease)
         Generation.objects.filter(held, status=Status.RUNNING).update(heartbeat_at=timezone.now())
+
+
+class _MonitorLoop:
+    """One thread per process that serves every running ``JobMonitor``: a job doesn't pay for
+    a thread start (on the device's path) and a database connection of its own. The thread
+    holds a connection only while something is watched."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._monitors: list[JobMonitor] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
+        self._thread.start()
+
+    def watch(self, monitor: JobMonitor) -> None:
+        with self._lock:
+            self._monitors.append(monitor)
+        self._wake.set()
+
+    def unwatch(self, monitor: JobMonitor) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._monitors.remove(monitor)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                monitors = list(self._monitors)
+            if not monitors:
+                with contextlib.suppress(DatabaseError):
+                    connection.close()  # idle: hold no database session
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self._wake.wait(min(m.tick for m in monitors))
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                monitors = list(self._monitors)
+            for monitor in monitors:
+                try:
+                    monitor.service(now)
+                except Exception:  # noqa: BLE001 - one monitor's bug must not stop the others' heartbeats
+                    log.exception("job monitor failed")
+
+
+_monitor_loop_instance: _MonitorLoop | None = None
+_monitor_loop_lock = threading.Lock()
+
+
+def _monitor_loop() -> _MonitorLoop:
+    """The process's monitor loop (a new one in a forked child: threads don't survive a fork)."""
+    global _monitor_loop_instance
+    with _monitor_loop_lock:
+        if _monitor_loop_instance is None or _monitor_loop_instance.pid != os.getpid():
+            _monitor_loop_instance = _MonitorLoop()
+        return _monitor_loop_instance
 
 
 # --- saving, off the device's path --------------------------------------------------------------

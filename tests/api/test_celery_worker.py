@@ -49,13 +49,15 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def database_env() -> dict[str, str]:
-    """Points a worker process at the database this test is using."""
+def database_env(application_name: str = "") -> dict[str, str]:
+    """Points a worker process at the database this test is using (on PostgreSQL, with its
+    sessions named ``application_name`` when given)."""
     db = connection.settings_dict
     if db["ENGINE"].endswith("sqlite3"):
         return {"DATABASE_URL": "", "SQLITE_PATH": str(db["NAME"])}
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return {"DATABASE_URL": f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
+    url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return {"DATABASE_URL": url + (f"?application_name={application_name}" if application_name else "")}
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.02) -> Any:
@@ -91,7 +93,7 @@ class Worker:
             PROGRESS_MIN_INTERVAL="0",
             JOB_RECOVERY_INTERVAL="3600",
             PYTHONUNBUFFERED="1",
-            **database_env(),
+            **database_env(self.queue),
         )
         return env
 
@@ -372,3 +374,35 @@ def test_the_worker_runs_queued_compatible_jobs_as_one_call_and_their_messages_f
     # Their own messages came after and did nothing: nothing ran or changed again.
     time.sleep(1.0)
     assert [row(i).finished_at for i in ids] == finished and all(row(i).attempts == 1 for i in ids)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_the_worker_keeps_its_database_session_from_one_job_to_the_next(api, celery_mode, no_model_in_web):
+    """Celery's Django fix-up would close the connection before and after every task, so each job
+    would open a new session on its device's path; the worker keeps a sound one instead."""
+    if connection.vendor != "postgresql":
+        pytest.skip(
+            f"needs the suite on PostgreSQL (DATABASE_URL=postgres://...) to see sessions; on {connection.vendor}"
+        )
+    worker = celery_mode
+    worker.start()
+    body = {"prompt": "a quay", "steps": 2, "width": 64, "height": 64}
+
+    def sessions(started_before: Any = None) -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND backend_start < %s",
+                [worker.queue, started_before or timezone.now()],
+            )
+            return {pid for (pid,) in cursor.fetchall()}
+
+    assert api.post("/api/txt2img/", body | {"seed": 1}, format="json").json()["status"] == "succeeded"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        between = cursor.fetchone()[0]
+    assert api.post("/api/txt2img/", body | {"seed": 2}, format="json").json()["status"] == "succeeded"
+    # The session that ran the first job is still open after the second (a new one per task
+    # would have been closed at the end of the first).
+    kept = wait_for("a session from before the second job", lambda: sessions(between), timeout=10)
+    assert len(kept) == 1, kept

@@ -1,0 +1,96 @@
+"""What a job costs the device thread besides its pipeline call: jobs run back to back share the
+worker thread's database connection (a sound one is kept, a broken one replaced), and every
+running job is watched by one monitor thread per process instead of a thread of its own."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection, connections
+from django.db.backends.signals import connection_created
+
+from api.models import Generation, Status
+from api.services.worker import recycle_connection
+from tests.conftest import drain_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def connections_made() -> Iterator[list[str]]:
+    """The name of the thread that opened each new database connection."""
+    made: list[str] = []
+
+    def record(sender, connection, **_) -> None:  # noqa: ANN001
+        made.append(threading.current_thread().name)
+
+    connection_created.connect(record, weak=False)
+    try:
+        yield made
+    finally:
+        connection_created.disconnect(record)
+
+
+def test_jobs_back_to_back_share_the_worker_threads_connection_and_one_monitor_thread(
+    api, live_db, settings, connections_made
+):
+    settings.BATCH_MAX_IMAGES = 1  # one pipeline call per job
+    body = {"prompt": "a harbour", "width": 64, "height": 64, "async": True}
+    # The first job is slow, so the others are queued behind it when it ends.
+    ids = [api.post("/api/txt2img/", body | {"steps": 40, "seed": 1}, format="json").data["id"]]
+    ids += [api.post("/api/txt2img/", body | {"steps": 2, "seed": s}, format="json").data["id"] for s in (2, 3, 4)]
+    drain_worker()
+    rows = Generation.objects.filter(pk__in=ids)
+    assert sorted(r.status for r in rows) == [Status.SUCCEEDED] * 4
+    assert {r.timings["batch_jobs"] for r in rows} == {1}
+    # Four jobs, one connection: a new one per job was the cost before (CONN_MAX_AGE=0 here).
+    assert connections_made.count("generation-worker") == 1, connections_made
+    monitors = [t for t in threading.enumerate() if t.name == "job-monitor"]
+    assert len(monitors) == 1, monitors
+
+
+def test_a_sound_connection_is_kept_and_one_left_outside_autocommit_is_closed():
+    Generation.objects.count()
+    raw = connection.connection
+    recycle_connection()
+    Generation.objects.count()
+    assert connection.connection is raw
+
+    connection.set_autocommit(False)  # a job that forgot to restore it
+    recycle_connection()
+    assert connection.connection is None
+    assert Generation.objects.count() == 0  # a new one, in autocommit again
+    assert connection.get_autocommit()
+
+
+@pytest.mark.postgres
+def test_a_kept_connection_that_the_database_dropped_is_replaced_before_its_next_use():
+    if connection.vendor != "postgresql":
+        pytest.skip(
+            f"needs the suite on PostgreSQL (DATABASE_URL=postgres://...) to end a session; on {connection.vendor}"
+        )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    recycle_connection()
+
+    # The server ends the session between two jobs (a restart, a failover, an idle timeout).
+    def terminate() -> None:
+        other = connections.create_connection("default")
+        try:
+            with other.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        finally:
+            other.close()
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    killer.join()
+
+    # The next job's first query finds it dead (the health check) and connects anew.
+    assert Generation.objects.count() == 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
