@@ -6,18 +6,12 @@ exactly its images and no file left without a row; the bench's own exit status s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 
 from tests.api.test_celery_worker import redis_reachable
+from tests.benches import output, run_bench
 from tests.conftest import require_service
-
-ROOT = Path(settings.BASE_DIR)
 
 
 @pytest.mark.own_database
@@ -26,19 +20,10 @@ ROOT = Path(settings.BASE_DIR)
 def test_killed_workers_leave_no_stuck_job_no_duplicate_and_no_orphan_file(tiny_model_dirs, tmp_path):
     require_service(redis_reachable(), "Redis on 127.0.0.1:6379")
     out = tmp_path / "faults.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL", "SQLITE_PATH"))}
-    env |= {"ENV_FILE": "none", "TINY_MODELS_DIR": str(settings.ENGINE.tiny_models_dir)}
     args = ["-n", "3", "--kills", "2", "--steps", "40", "--moment-wait", "4", "--seed", "7"]
     args += ["--redis", "redis://127.0.0.1:6379/15", "--finish-timeout", "180"]
-    proc = subprocess.run(
-        [sys.executable, "bench/faults.py", *args, "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    report = proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_bench("faults.py", *args, "--json", str(out), drop=("DATABASE_URL", "SQLITE_PATH"), check=False)
+    report = output(proc)
     assert out.exists(), report
     results = {r["mode"]: r for r in json.loads(out.read_text())}
     assert set(results) == {"celery", "thread"}, report

@@ -9,15 +9,11 @@ there and sane is what counts, so a one-shot run on a GPU can't fail on the scri
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 
-ROOT = Path(settings.BASE_DIR)
+from tests.benches import run_bench
+
 # Its servers run on a SQLite file of their own.
 pytestmark = pytest.mark.own_database
 BATCHES = ("b1", "b4")
@@ -27,26 +23,15 @@ BATCHES = ("b1", "b4")
 def bench(tiny_model_dirs, tmp_path_factory) -> tuple[str, dict]:  # noqa: ANN001
     tmp = tmp_path_factory.mktemp("bench-gpu")
     out = tmp / "gpu.json"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DJANGO_", "DEVICE", "TORCH_DTYPE"))}
-    env = clean | {
-        "ENV_FILE": "none",
+    env = {
         "HF_HOME": str(tmp / "hf-home"),
-        "TINY_MODELS_DIR": str(settings.ENGINE.tiny_models_dir),
         "MODEL_CATALOG_FILE": "",
         # The fast path is off on the CPU by default; switched on, its rows and ablations run too.
         "CHANNELS_LAST": "on",
         "FUSE_QKV": "on",
     }
-    args = ["bench/gpu.py", "--tiny", "--repeats", "1", "--steps", "2", "-n", "6", "--clients", "3"]
-    proc = subprocess.run(
-        [sys.executable, *args, "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--tiny", "--repeats", "1", "--steps", "2", "-n", "6", "--clients", "3", "--json", str(out)]
+    proc = run_bench("gpu.py", *args, drop=("HF_", "DEVICE", "TORCH_DTYPE"), env=env)
     return proc.stdout, json.loads(out.read_text())
 
 
@@ -109,16 +94,7 @@ def test_the_table_has_every_row_and_the_http_lines(bench):
 
 def test_a_budget_that_is_spent_skips_the_rest_and_still_writes_the_table(tiny_model_dirs, tmp_path):
     out = tmp_path / "gpu.json"
-    env = os.environ | {"ENV_FILE": "none", "TINY_MODELS_DIR": str(settings.ENGINE.tiny_models_dir)}
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--tiny", "--budget", "0.001", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_bench("gpu.py", "--tiny", "--budget", "0.001", "--json", str(out), timeout=300)
     results = json.loads(out.read_text())
     assert results["rows"] == [] and results["http"] == {}
     assert "sd15: build" in results["skipped"] and "http" in results["skipped"]

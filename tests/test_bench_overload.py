@@ -4,28 +4,19 @@ its capacity of generate requests at once, and the table and the JSON agree on w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 
 from bench.overload import summarise
-
-ROOT = Path(settings.BASE_DIR)
+from tests.benches import run_bench
 
 
 @pytest.mark.own_database
 @pytest.mark.slow
 def test_four_times_the_capacity_is_answered_with_backpressure_and_no_5xx(tiny_model_dirs, tmp_path):
     out = tmp_path / "overload.json"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "MAX_", "GUNICORN_"))}
-    env = clean | {"ENV_FILE": "none", "TINY_MODELS_DIR": str(settings.ENGINE.tiny_models_dir)}
-    args = ["bench/overload.py", "--capacity", "2", "--steps", "6", "--reads", "20", "--json", str(out)]
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--capacity", "2", "--steps", "6", "--reads", "20", "--json", str(out)]
+    proc = run_bench("overload.py", *args, drop=("MAX_", "GUNICORN_"), timeout=900)
     result = json.loads(out.read_text())
     assert result["requests"] == 8
     answered = sum(sum(kinds.values()) for kinds in result["by_status"].values())
