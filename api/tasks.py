@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery.signals import task_postrun
+from celery.signals import task_postrun, task_prerun
 
 from config.celery import TASK_NAME, app
 
@@ -14,11 +14,28 @@ def generation_run(generation_id: str) -> str | None:
     return worker_run(generation_id=generation_id)
 
 
-@task_postrun.connect
-def _keep_the_database_connection(**_: object) -> None:
-    """The next job uses this job's connection if it is sound, instead of a new one: Celery's
-    Django fix-up, which would close it before and after every task, is told to leave it
-    (``CELERY_DB_REUSE_MAX`` in config/celery.py)."""
+# Celery's Django fix-up would close the database connection before and after every task, so
+# each job would open a new one on its device's path; it is told to leave it
+# (``CELERY_DB_REUSE_MAX`` in config/celery.py), and these keep a sound one from one job to the
+# next, but not across an idle pause.
+
+
+def _runs_for_real(task: object) -> bool:
+    request = getattr(task, "request", None)
+    return not getattr(request, "is_eager", False)
+
+
+@task_prerun.connect(sender=generation_run)
+def _start_on_a_fresh_connection_after_a_pause(task: object = None, **_: object) -> None:
+    from api.services.worker import close_idle_connection
+
+    if _runs_for_real(task):
+        close_idle_connection()
+
+
+@task_postrun.connect(sender=generation_run)
+def _keep_the_connection_for_the_next_job(task: object = None, **_: object) -> None:
     from api.services.worker import recycle_connection
 
-    recycle_connection()
+    if _runs_for_real(task):
+        recycle_connection()

@@ -73,7 +73,7 @@ def make_app(broker_url: str | None = None) -> Celery:
     )
     # Celery's Django fix-up closes the database connection before and after every task, so
     # each job would pay for a new one on its device's path; it closes them only every this
-    # many tasks instead, and api.tasks keeps a sound one between jobs (WORKER_CONN_MAX_AGE).
+    # many tasks instead, and api.tasks keeps a sound one from one job to the next.
     app.conf.update(CELERY_DB_REUSE_MAX=1_000_000)
     return app
 

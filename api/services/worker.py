@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
+from django.db.backends.signals import connection_created
 from django.db.models import F, Q
+from django.dispatch import receiver
 from django.utils import timezone
 from PIL import Image
 
@@ -77,28 +79,46 @@ def with_db_retry(write: Callable[[], T], what: str) -> T:
 
 # A thread that runs jobs back to back keeps its database connection between them for up to
 # this long (Django's CONN_MAX_AGE=0 would close it after each job, and the next claim would
-# open a new one: several ms on PostgreSQL, on the device's path).
+# open a new one: several ms on PostgreSQL, on the device's path)...
 WORKER_CONN_MAX_AGE = 300.0
+# ...but not across a pause longer than this: an idle connection may have been dropped without
+# a word (a NAT or proxy idle timeout), and a health check on it would hang, not fail.
+WORKER_CONN_MAX_IDLE = 5.0
+
+
+@receiver(connection_created)
+def _stamp_opened(sender: Any, connection: Any, **_: Any) -> None:
+    connection.sdapi_opened_at = time.monotonic()
 
 
 def recycle_connection() -> None:
-    """Between two jobs on a thread that runs jobs: keep this thread's connection if it is sound.
+    """At the end of a job on a thread that runs jobs: keep this thread's connection if sound.
 
     Django's own checks decide, with ``WORKER_CONN_MAX_AGE`` as the lifetime where
     ``CONN_MAX_AGE`` is 0: a connection left outside autocommit, or unusable after an error, is
     closed. A kept one is checked (``CONN_HEALTH_CHECKS``) before its next use, so a database
-    that restarted meanwhile costs a new connection, not a failed job.
+    that restarted meanwhile costs a new connection, not a failed job. Inside a transaction
+    nothing is touched.
     """
-    if connection.connection is None:
+    if connection.connection is None or connection.in_atomic_block:
         return
     if connection.settings_dict.get("CONN_MAX_AGE") == 0:
-        raw = id(connection.connection)
-        opened = getattr(connection, "_worker_opened", None)
-        if opened is None or opened[0] != raw:
-            opened = connection._worker_opened = (raw, time.monotonic())
-        connection.close_at = opened[1] + WORKER_CONN_MAX_AGE
+        opened = getattr(connection, "sdapi_opened_at", None) or time.monotonic()
+        connection.close_at = opened + WORKER_CONN_MAX_AGE
     connection.health_check_enabled = True
     connection.close_if_unusable_or_obsolete()
+    connection.sdapi_idle_since = time.monotonic()
+
+
+def close_idle_connection() -> None:
+    """At the start of a job: a connection kept from a job that ended more than
+    ``WORKER_CONN_MAX_IDLE`` ago is closed, so the job starts on a new one."""
+    if connection.connection is None or connection.in_atomic_block:
+        return
+    idle_since = getattr(connection, "sdapi_idle_since", None)
+    if idle_since is None or time.monotonic() - idle_since > WORKER_CONN_MAX_IDLE:
+        with contextlib.suppress(DatabaseError):
+            connection.close()
 
 
 # --- claiming ---------------------------------------------------------------------------------
@@ -201,11 +221,9 @@ class JobMonitor:
         self.tick = max(0.02, min(settings.PROGRESS_MIN_INTERVAL or 0.05, self.CANCEL_POLL_S, self.heartbeat_interval))
         self._last_beat = self._last_poll = time.monotonic()
         self._failing = False
-        self._loop: _MonitorLoop | None = None
 
     def start(self) -> JobMonitor:
-        self._loop = _monitor_loop()
-        self._loop.watch(self)
+        _monitor_loop().watch(self)
         return self
 
     def add(self, members: list[Claimed]) -> None:
@@ -224,15 +242,16 @@ class JobMonitor:
             self._progress.pop(key, None)
             self._previews.pop(key, None)
             last = not self._leases
-        if last and self._loop is not None:
-            self._loop.unwatch(self)
+        if last:
+            _monitor_loop().unwatch(self)
 
     # -- called on the device thread: memory only ------------------------------------------
     def progress_fn(self, generation_id: Any) -> Callable[[int, int], None]:
         key = str(generation_id)
 
         def progress(step: int, total: int) -> None:
-            self._progress[key] = (step, total, time.time())
+            with self._lock:
+                self._progress[key] = (step, total, time.time())
 
         return progress
 
@@ -240,9 +259,9 @@ class JobMonitor:
         key = str(generation_id)
 
         def preview(step: int, total: int, image: Any) -> None:
-            self._previews[key] = (step, total, image)
-            if self._loop is not None:
-                self._loop.wake()
+            with self._lock:
+                self._previews[key] = (step, total, image)
+            _monitor_loop().wake()
 
         return preview
 
@@ -351,9 +370,9 @@ class _MonitorLoop:
     a thread start (on the device's path) and a database connection of its own. The thread
     holds a connection only while something is watched."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitors: list[JobMonitor] | None = None) -> None:
         self.pid = os.getpid()
-        self._monitors: list[JobMonitor] = []
+        self._monitors: list[JobMonitor] = list(monitors or [])
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
@@ -373,26 +392,36 @@ class _MonitorLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            with self._lock:
-                monitors = list(self._monitors)
-            if not monitors:
-                with contextlib.suppress(DatabaseError):
-                    connection.close()  # idle: hold no database session
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            self._wake.wait(min(m.tick for m in monitors))
+            try:
+                self._round()
+            except Exception:  # noqa: BLE001 - every running job's heartbeat depends on this thread
+                log.exception("job monitor loop failed")
+                time.sleep(0.1)
+
+    def _round(self) -> None:
+        with self._lock:
+            monitors = list(self._monitors)
+        if not monitors:
+            with contextlib.suppress(Exception):
+                connection.close()  # idle: hold no database session
+            self._wake.wait()
             self._wake.clear()
-            now = time.monotonic()
-            with self._lock:
-                monitors = list(self._monitors)
-            for monitor in monitors:
-                try:
-                    monitor.service(now)
-                except Exception:  # noqa: BLE001 - one monitor's bug must not stop the others' heartbeats
-                    log.exception("job monitor failed")
+            return
+        self._wake.wait(min(m.tick for m in monitors))
+        self._wake.clear()
+        now = time.monotonic()
+        with self._lock:
+            monitors = list(self._monitors)
+        for monitor in monitors:
+            try:
+                monitor.service(now)
+            except Exception:  # noqa: BLE001 - one monitor's bug must not stop the others' heartbeats
+                log.exception("job monitor failed")
 
 
 _monitor_loop_instance: _MonitorLoop | None = None
@@ -400,11 +429,14 @@ _monitor_loop_lock = threading.Lock()
 
 
 def _monitor_loop() -> _MonitorLoop:
-    """The process's monitor loop (a new one in a forked child: threads don't survive a fork)."""
+    """The process's monitor loop: a new one in a forked child (threads don't survive a fork), or
+    if the thread has died."""
     global _monitor_loop_instance
     with _monitor_loop_lock:
-        if _monitor_loop_instance is None or _monitor_loop_instance.pid != os.getpid():
-            _monitor_loop_instance = _MonitorLoop()
+        old = _monitor_loop_instance
+        if old is None or not old.alive():
+            # A dead thread's jobs are watched by the new one; a parent's are not the child's.
+            _monitor_loop_instance = _MonitorLoop(old._monitors if old is not None and old.pid == os.getpid() else None)
         return _monitor_loop_instance
 
 
@@ -443,7 +475,14 @@ class Finisher:
                     self._pending -= 1
                     self._idle.notify_all()
 
-        self._pool.submit(run)
+        try:
+            self._pool.submit(run)
+        except BaseException:
+            self._slots.release()
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+            raise
 
     def pending(self) -> int:
         return self._pending
@@ -632,8 +671,13 @@ def _run(
         key = str(member.claimed.id)
         if isinstance(result, GenerationOutput):
             if background:
-                handed.add(key)
-                get_finisher().submit(lambda m=member, r=result: _save_and_announce(m, r, run_s, monitor, notify))
+                try:
+                    get_finisher().submit(lambda m=member, r=result: _save_and_announce(m, r, run_s, monitor, notify))
+                except RuntimeError:  # the finisher is shut down (the interpreter is exiting)
+                    log.warning("generation %s: saved on the device's thread", key, exc_info=True)
+                    statuses[key] = _save(member, result, run_s)
+                else:
+                    handed.add(key)
             else:
                 statuses[key] = _save(member, result, run_s)
         else:

@@ -12,7 +12,7 @@ from django.db import connection, connections
 from django.db.backends.signals import connection_created
 
 from api.models import Generation, Status
-from api.services.worker import recycle_connection
+from api.services.worker import WORKER_CONN_MAX_IDLE, close_idle_connection, recycle_connection
 from tests.conftest import drain_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -63,6 +63,34 @@ def test_a_sound_connection_is_kept_and_one_left_outside_autocommit_is_closed():
     assert connection.connection is None
     assert Generation.objects.count() == 0  # a new one, in autocommit again
     assert connection.get_autocommit()
+
+
+def test_a_connection_kept_across_a_pause_is_not_trusted_with_the_next_job():
+    """A connection idle for long may have been dropped without a word (a NAT or proxy idle
+    timeout); a health check on it would hang. After a pause, the next job starts on a new one."""
+    Generation.objects.count()
+    raw = connection.connection
+    recycle_connection()
+    close_idle_connection()  # the next job came at once
+    assert connection.connection is raw
+
+    recycle_connection()
+    connection.sdapi_idle_since -= WORKER_CONN_MAX_IDLE + 1  # the next job came after a pause
+    close_idle_connection()
+    assert connection.connection is None
+    assert Generation.objects.count() == 0
+
+
+def test_nothing_is_closed_inside_a_transaction():
+    from django.db import transaction
+
+    with transaction.atomic():
+        Generation.objects.count()
+        raw = connection.connection
+        recycle_connection()
+        close_idle_connection()
+        assert connection.connection is raw
+        assert Generation.objects.count() == 0
 
 
 @pytest.mark.postgres
