@@ -389,7 +389,7 @@ def test_the_page_assets_and_security_headers(live_server, live_db):
     assert http(live_server.url, "/api/health/") == {"status": "ok"}
 
 
-def test_loras_are_offered_sent_with_their_weights_reused_and_refused_beside_their_field(
+def test_loras_are_offered_for_the_models_family_sent_with_their_weights_reused_and_refused_beside_their_field(
     page, live_server, tiny_model_dirs, tmp_path, monkeypatch
 ):
     import dataclasses
@@ -428,11 +428,19 @@ def test_loras_are_offered_sent_with_their_weights_reused_and_refused_beside_the
     second_src = wait_done(page, first_src)
     assert media_path(second_src).read_bytes() == media_path(first_src).read_bytes()
 
-    # A LoRA of another family is refused, and the API's message is shown beside the LoRAs.
-    page.check(f"#lora-{1 - fox}")
+    # A LoRA made for another family can't be picked with this model, and says what it is for.
+    xl = 1 - fox
+    assert page.is_disabled(f"#lora-{xl}") and page.is_disabled(f"#lora-weight-{xl}")
+    assert page.inner_text(f"label[for='lora-{xl}']") == "xl-only (for sdxl models)"
+    page.select_option("#model_id", "tiny-sdxl")
+    assert page.is_enabled(f"#lora-{xl}") and page.inner_text(f"label[for='lora-{xl}']") == "xl-only"
+    assert page.is_enabled(f"#lora-{fox}")  # its family can't be told from its keys: always offered
+    page.select_option("#model_id", "tiny-sd")
+
+    # A weight the API refuses: its message is shown beside the LoRAs, and nothing is created.
+    page.fill(f"#lora-weight-{fox}", "5")
     page.click("#generate")
     page.wait_for_function("() => document.querySelector('#loras-error').textContent !== ''")
-    message = page.inner_text("#loras-error")
-    assert "xl-only" in message and "sdxl" in message.lower(), message
-    assert len(results(live_server.url)) == 2  # nothing was created
+    assert page.inner_text("#loras-error") == "the weight of LoRA 'fox' must be between -2.0 and 2.0, got 5.0"
+    assert len(results(live_server.url)) == 2
     expected_400(page)

@@ -421,6 +421,22 @@ function applyModelDefaults() {
   $("height").placeholder = model.default_size ?? "";
   $("steps").placeholder = model.default_steps ?? "";
   $("guidance_scale").placeholder = model.default_guidance_scale ?? "";
+  applyLoraFamilies();
+}
+
+// A LoRA made for another family than the chosen model's can't be picked (the API would refuse
+// it); its label says which family it is for. A LoRA whose family is unknown stays available.
+function applyLoraFamilies() {
+  const model = state.models.get($("model_id").value);
+  const family = model ? model.family : null;
+  state.loras.forEach((lora, i) => {
+    const other = Boolean(family && lora.family && lora.family !== family);
+    const check = $(`lora-${i}`);
+    check.disabled = other;
+    $(`lora-weight-${i}`).disabled = other;
+    if (other) check.checked = false;
+    $(`lora-note-${i}`).textContent = other ? ` (for ${lora.family} models)` : "";
+  });
 }
 
 function fillSchedulers() {
@@ -453,6 +469,10 @@ async function loadLoras() {
     const label = document.createElement("label");
     label.htmlFor = check.id;
     label.textContent = lora.name;
+    const note = document.createElement("span");
+    note.id = `lora-note-${i}`;
+    note.className = "hint";
+    label.append(note);
     const weightLabel = document.createElement("label");
     weightLabel.htmlFor = `lora-weight-${i}`;
     weightLabel.className = "visually-hidden";
@@ -467,6 +487,7 @@ async function loadLoras() {
     list.append(row);
   });
   $("loras-fieldset").hidden = loras.length === 0;
+  applyLoraFamilies();
 }
 
 function selectedLoras() {
