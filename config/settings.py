@@ -90,11 +90,16 @@ TEMPLATES = [
 
 # --- Database: SQLite by default, DATABASE_URL for PostgreSQL ------------------------------
 DATABASE_URL = env.get("DATABASE_URL", "").strip()
+# Each server thread keeps its connection this many seconds (0: a new one for every request),
+# checked before it is reused after a request.
+DB_CONN_MAX_AGE = _wrap(env_int, env, "DB_CONN_MAX_AGE", 60, minimum=0, maximum=3600)
 if DATABASE_URL:
     import dj_database_url
 
     try:
-        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+        DATABASES = {
+            "default": dj_database_url.parse(DATABASE_URL, conn_max_age=DB_CONN_MAX_AGE, conn_health_checks=True)
+        }
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
 else:
@@ -111,6 +116,8 @@ else:
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
             "TEST": {"NAME": env.get("SQLITE_TEST_PATH") or None},
+            "CONN_MAX_AGE": DB_CONN_MAX_AGE,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

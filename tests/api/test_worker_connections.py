@@ -34,9 +34,12 @@ def connections_made() -> Iterator[list[str]]:
 
 
 def test_jobs_back_to_back_share_the_worker_threads_connection_and_one_monitor_thread(
-    api, live_db, settings, connections_made
+    api, live_db, settings, connections_made, monkeypatch
 ):
     settings.BATCH_MAX_IMAGES = 1  # one pipeline call per job
+    # DB_CONN_MAX_AGE=0: every request thread closes its connection at the end of a request;
+    # the worker thread still keeps its own from one job to the next.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     body = {"prompt": "a harbour", "width": 64, "height": 64, "async": True}
     # The first job is slow, so the others are queued behind it when it ends.
     ids = [api.post("/api/txt2img/", body | {"steps": 40, "seed": 1}, format="json").data["id"]]
@@ -45,7 +48,7 @@ def test_jobs_back_to_back_share_the_worker_threads_connection_and_one_monitor_t
     rows = Generation.objects.filter(pk__in=ids)
     assert sorted(r.status for r in rows) == [Status.SUCCEEDED] * 4
     assert {r.timings["batch_jobs"] for r in rows} == {1}
-    # Four jobs, one connection: a new one per job was the cost before (CONN_MAX_AGE=0 here).
+    # Four jobs, one connection: a new one per job was the cost before.
     assert connections_made.count("generation-worker") == 1, connections_made
     monitors = [t for t in threading.enumerate() if t.name == "job-monitor"]
     assert len(monitors) == 1, monitors
