@@ -3,9 +3,10 @@ and save each result off the device's path.
 
 The device thread (the embedded worker's thread, or a Celery task) does only what needs the
 device: it claims, runs the pipeline and hands the images over. Progress, previews, heartbeats
-and cancel flags go through a side thread (``JobMonitor``), so the step callback touches only
-memory. PNG encoding, file writes and the final row updates run on the ``Finisher``'s threads
-while the next job already runs.
+and cancel flags go through each job's ``JobMonitor``, served by one side thread per process, so
+the step callback touches only memory. PNG encoding, file writes and the final row updates run
+on the ``Finisher``'s threads while the next job already runs. Between two jobs the device's
+thread keeps its database connection (``recycle_connection``).
 
 What holds regardless: a job is ``succeeded`` only once its files and image rows exist; until
 then it stays ``running`` with a fresh heartbeat, so a crash at any moment leaves a row that
