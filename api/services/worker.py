@@ -3,8 +3,8 @@ and save each result off the device's path.
 
 The device thread (the embedded worker's thread, or a Celery task) does only what needs the
 device: it claims, runs the pipeline and hands the images over. Progress, previews, heartbeats
-and cancel flags go through each job's ``JobMonitor``, served by one side thread per process, so
-the step callback touches only memory. PNG encoding, file writes and the final row updates run
+and cancel flags go through each job's ``JobMonitor``, on a side thread of its own, so the step
+callback touches only memory. PNG encoding, file writes and the final row updates run
 on the ``Finisher``'s threads while the next job already runs. Between two jobs the device's
 thread keeps its database connection (``recycle_connection``).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -222,9 +221,11 @@ class JobMonitor:
         self.tick = max(0.02, min(settings.PROGRESS_MIN_INTERVAL or 0.05, self.CANCEL_POLL_S, self.heartbeat_interval))
         self._last_beat = self._last_poll = time.monotonic()
         self._failing = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
 
     def start(self) -> JobMonitor:
-        _monitor_loop().watch(self)
+        threading.Thread(target=self._run, name="job-monitor", daemon=True).start()
         return self
 
     def add(self, members: list[Claimed]) -> None:
@@ -244,7 +245,8 @@ class JobMonitor:
             self._previews.pop(key, None)
             last = not self._leases
         if last:
-            _monitor_loop().unwatch(self)
+            self._stop.set()
+            self._wake.set()
 
     # -- called on the device thread: memory only ------------------------------------------
     def progress_fn(self, generation_id: Any) -> Callable[[int, int], None]:
@@ -262,7 +264,7 @@ class JobMonitor:
         def preview(step: int, total: int, image: Any) -> None:
             with self._lock:
                 self._previews[key] = (step, total, image)
-            _monitor_loop().wake()
+            self._wake.set()
 
         return preview
 
@@ -279,7 +281,17 @@ class JobMonitor:
 
         return should_cancel
 
-    # -- on the monitor loop's thread ------------------------------------------------------
+    # -- the side thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self.tick)
+                self._wake.clear()
+                self.service(time.monotonic())
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
     def service(self, now: float) -> None:
         """One round: the progress and previews that came in, then the cancel flags and the
         heartbeat when they are due."""
@@ -364,84 +376,6 @@ class JobMonitor:
         for key, lease in leases.items():
             held |= Q(pk=self._ids[key], **lease)
         Generation.objects.filter(held, status=Status.RUNNING).update(heartbeat_at=timezone.now())
-
-
-class _MonitorLoop:
-    """One thread per process that serves every running ``JobMonitor``: a job doesn't pay for
-    a thread start (on the device's path) and a database connection of its own. The thread
-    holds a connection only while something is watched."""
-
-    def __init__(self, monitors: list[JobMonitor] | None = None) -> None:
-        self.pid = os.getpid()
-        self._monitors: list[JobMonitor] = list(monitors or [])
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
-        self._thread.start()
-
-    def watch(self, monitor: JobMonitor) -> None:
-        with self._lock:
-            self._monitors.append(monitor)
-        self._wake.set()
-
-    def unwatch(self, monitor: JobMonitor) -> None:
-        with self._lock:
-            with contextlib.suppress(ValueError):
-                self._monitors.remove(monitor)
-        self._wake.set()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def alive(self) -> bool:
-        return self.pid == os.getpid() and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._round()
-            except Exception:  # noqa: BLE001 - every running job's heartbeat depends on this thread
-                log.exception("job monitor loop failed")
-                time.sleep(0.1)
-
-    def _round(self) -> None:
-        with self._lock:
-            monitors = list(self._monitors)
-        if not monitors:
-            with contextlib.suppress(Exception):
-                connection.close()  # idle: hold no database session
-            self._wake.wait()
-            self._wake.clear()
-            return
-        self._wake.wait(min(m.tick for m in monitors))
-        self._wake.clear()
-        now = time.monotonic()
-        with self._lock:
-            monitors = list(self._monitors)
-        for monitor in monitors:
-            try:
-                monitor.service(now)
-            except Exception:  # noqa: BLE001 - one monitor's bug must not stop the others' heartbeats
-                log.exception("job monitor failed")
-
-
-_monitor_loop_instance: _MonitorLoop | None = None
-_monitor_loop_lock = threading.Lock()
-
-
-def _monitor_loop() -> _MonitorLoop:
-    """The process's monitor loop: a new one in a forked child (threads don't survive a fork), or
-    if the thread has died."""
-    global _monitor_loop_instance
-    with _monitor_loop_lock:
-        old = _monitor_loop_instance
-        if old is None or not old.alive():
-            # A dead thread's jobs are watched by the new one; a parent's are not the child's.
-            _monitor_loop_instance = _MonitorLoop(old._monitors if old is not None and old.pid == os.getpid() else None)
-        return _monitor_loop_instance
-
-
-# --- saving, off the device's path --------------------------------------------------------------
 
 
 class Finisher:

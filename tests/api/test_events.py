@@ -172,7 +172,9 @@ def test_another_keys_job_is_404_and_the_stream_limit_answers_503(live_server, t
             break
         third.close()
         time.sleep(0.2)
-    assert third.response.status == 200
+    assert third.response.status == 200, Generation.objects.filter(pk=job["id"]).values(
+        "status", "progress", "cancel_requested", "worker", "heartbeat_at"
+    )
     third.close()
 
 

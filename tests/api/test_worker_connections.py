@@ -1,6 +1,5 @@
 """What a job costs the device thread besides its pipeline call: jobs run back to back share the
-worker thread's database connection (a sound one is kept, a broken one replaced), and every
-running job is watched by one monitor thread per process instead of a thread of its own."""
+worker thread's database connection (a sound one is kept, a broken one replaced)."""
 
 from __future__ import annotations
 
@@ -33,9 +32,7 @@ def connections_made() -> Iterator[list[str]]:
         connection_created.disconnect(record)
 
 
-def test_jobs_back_to_back_share_the_worker_threads_connection_and_one_monitor_thread(
-    api, live_db, settings, connections_made, monkeypatch
-):
+def test_jobs_back_to_back_share_the_worker_threads_connection(api, live_db, settings, connections_made, monkeypatch):
     settings.BATCH_MAX_IMAGES = 1  # one pipeline call per job
     # DB_CONN_MAX_AGE=0: every request thread closes its connection at the end of a request;
     # the worker thread still keeps its own from one job to the next.
@@ -50,8 +47,6 @@ def test_jobs_back_to_back_share_the_worker_threads_connection_and_one_monitor_t
     assert {r.timings["batch_jobs"] for r in rows} == {1}
     # Four jobs, one connection: a new one per job was the cost before.
     assert connections_made.count("generation-worker") == 1, connections_made
-    monitors = [t for t in threading.enumerate() if t.name == "job-monitor"]
-    assert len(monitors) == 1, monitors
 
 
 def test_a_sound_connection_is_kept_and_one_left_outside_autocommit_is_closed():
