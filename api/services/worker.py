@@ -219,13 +219,12 @@ class JobMonitor:
         self._lock = threading.Lock()
         self.heartbeat_interval = settings.JOB_HEARTBEAT_INTERVAL
         self.tick = max(0.02, min(settings.PROGRESS_MIN_INTERVAL or 0.05, self.CANCEL_POLL_S, self.heartbeat_interval))
-        self._last_beat = self._last_poll = time.monotonic()
-        self._failing = False
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
 
     def start(self) -> JobMonitor:
-        threading.Thread(target=self._run, name="job-monitor", daemon=True).start()
+        self._thread.start()
         return self
 
     def add(self, members: list[Claimed]) -> None:
@@ -237,7 +236,7 @@ class JobMonitor:
                 self._writers[key] = jobs._ProgressWriter(m.id, m.lease)
 
     def release(self, generation_id: Any) -> None:
-        """Stop watching a member (it has ended); the monitor stops with the last one."""
+        """Stop watching a member (it has ended); the thread ends with the last one."""
         key = str(generation_id)
         with self._lock:
             self._leases.pop(key, None)
@@ -283,37 +282,35 @@ class JobMonitor:
 
     # -- the side thread -------------------------------------------------------------------
     def _run(self) -> None:
+        last_beat = last_poll = time.monotonic()
+        failing = False
         try:
             while not self._stop.is_set():
                 self._wake.wait(self.tick)
                 self._wake.clear()
-                self.service(time.monotonic())
+                now = time.monotonic()
+                try:
+                    self._write_progress()
+                    if now - last_poll >= self.CANCEL_POLL_S:
+                        last_poll = now
+                        self._poll_cancels()
+                    if now - last_beat >= self.heartbeat_interval:
+                        last_beat = now
+                        self._beat()
+                except Exception:  # noqa: BLE001 - a missed write is retried; a long outage reads as death
+                    # Once per outage, not at every tick.
+                    log.log(
+                        logging.DEBUG if failing else logging.WARNING,
+                        "job monitor: a database write failed",
+                        exc_info=True,
+                    )
+                    failing = True
+                    close_old_connections()
+                else:
+                    failing = False
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(DatabaseError):
                 connection.close()
-
-    def service(self, now: float) -> None:
-        """One round: the progress and previews that came in, then the cancel flags and the
-        heartbeat when they are due."""
-        try:
-            self._write_progress()
-            if now - self._last_poll >= self.CANCEL_POLL_S:
-                self._last_poll = now
-                self._poll_cancels()
-            if now - self._last_beat >= self.heartbeat_interval:
-                self._last_beat = now
-                self._beat()
-        except Exception:  # noqa: BLE001 - a missed write is retried; a long outage reads as death
-            # Once per outage, not at every tick.
-            log.log(
-                logging.DEBUG if self._failing else logging.WARNING,
-                "job monitor: a database write failed",
-                exc_info=True,
-            )
-            self._failing = True
-            close_old_connections()
-        else:
-            self._failing = False
 
     def _write_progress(self) -> None:
         with self._lock:
@@ -376,6 +373,9 @@ class JobMonitor:
         for key, lease in leases.items():
             held |= Q(pk=self._ids[key], **lease)
         Generation.objects.filter(held, status=Status.RUNNING).update(heartbeat_at=timezone.now())
+
+
+# --- saving, off the device's path --------------------------------------------------------------
 
 
 class Finisher:

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.db.backends.signals import connection_created
 
 from api.models import Generation, Status
@@ -80,8 +80,6 @@ def test_a_connection_kept_across_a_pause_is_not_trusted_with_the_next_job():
 
 
 def test_nothing_is_closed_inside_a_transaction():
-    from django.db import transaction
-
     with transaction.atomic():
         Generation.objects.count()
         raw = connection.connection
