@@ -470,6 +470,7 @@ class Run:
             redis="redis://127.0.0.1:6379/15",  # unused in thread mode, but must parse
             web_processes=1,
             batch_max=batch_max,
+            device_threads=0,  # torch's own default: the pipeline runs on the GPU here
         )
         stack = load.Stack("thread", ns)
         stack.env.update(

@@ -76,11 +76,14 @@ class Direct:
         self.run = _direct_runner(args)
         self.run(0)
 
-    def batch(self) -> float:
+    def batch(self) -> dict[str, float]:
+        """The batch's wall time, and its time inside pipeline calls (``timings.inference_s``)."""
+        inference = 0.0
         started = time.perf_counter()
         for i in range(self.args.requests):
-            self.run(1000 + i)
-        return time.perf_counter() - started
+            inference += float(self.run(1000 + i).timings.get("inference_s", 0.0))
+        wall = time.perf_counter() - started
+        return {"wall_s": wall, "inference_s": inference, "busy": inference / wall}
 
 
 def _direct_runner(args: argparse.Namespace) -> Any:
@@ -89,6 +92,10 @@ def _direct_runner(args: argparse.Namespace) -> Any:
     from backend.params import GenerationParams
     from backend.tiny import ensure_tiny_model
 
+    if args.device_threads:
+        import torch
+
+        torch.set_num_threads(args.device_threads)
     config = EngineConfig.from_env(os.environ, base_dir=ROOT)
     set_config(config)
     if args.model.startswith("tiny-"):
@@ -145,6 +152,8 @@ class Stack:
             # Off by default: the direct side runs one job per call, so this compares like with like.
             "BATCH_MAX_IMAGES": str(args.batch_max),
         }
+        if args.device_threads:
+            self.env["OMP_NUM_THREADS"] = str(args.device_threads)
         if mode == "celery":
             self.env["WEB_CONCURRENCY"] = str(args.web_processes)
 
@@ -226,9 +235,11 @@ class Stack:
             answers = list(pool.map(self.generate, range(1000, 1000 + self.args.requests)))
         wall = time.perf_counter() - started
         latencies = [latency for latency, _ in answers]
+        inference = sum(share for _, share in answers)
         return {
             "wall_s": wall,
-            "busy": sum(inference for _, inference in answers) / wall,
+            "inference_s": inference,
+            "busy": inference / wall,
             "p50_s": statistics.median(latencies),
             "p95_s": percentile(latencies, 95),
         }
@@ -258,10 +269,19 @@ def main() -> None:
     parser.add_argument(
         "--batch-max", type=int, default=1, help="the server's BATCH_MAX_IMAGES (default 1: micro-batching off)"
     )
+    parser.add_argument(
+        "--device-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads for the pipeline on both sides (default: all CPUs but one, so the server's HTTP, "
+        "database and PNG work has a core of its own, as a GPU box's host has; 0: torch's own default, every CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not (1 <= args.requests <= 1000 and 1 <= args.concurrency <= 64 and 1 <= args.rounds <= 50):
         parser.error("-n must be 1..1000, -c 1..64 and --rounds 1..50")
+    if args.device_threads < 0:
+        parser.error(f"--device-threads must be 0 or more, got {args.device_threads}")
 
     os.environ.setdefault("ENV_FILE", "none")
     print(
@@ -276,36 +296,58 @@ def main() -> None:
         for server in servers.values():
             server.generate(0)  # warm-up: the model loads in the worker
         for number in range(1, args.rounds + 1):
-            row: dict[str, Any] = {"round": number, "direct_s": direct.batch()}
+            row: dict[str, Any] = {"round": number, "direct": direct.batch()}
             for mode, server in servers.items():
-                row[mode] = server.batch()
-                row[mode]["ratio"] = row[mode]["wall_s"] / row["direct_s"]
+                side = row[mode] = server.batch()
+                side["ratio"] = side["wall_s"] / row["direct"]["wall_s"]
+                # ratio = pipeline x idle: how much slower the pipeline calls themselves ran in
+                # the server (sharing the CPU with its HTTP, database and PNG work; nothing on a
+                # GPU) times how much more of the wall the device spent out of them.
+                side["pipeline"] = side["inference_s"] / row["direct"]["inference_s"]
+                side["idle"] = row["direct"]["busy"] / side["busy"]
             rounds.append(row)
             print(
-                f"  round {number}: direct {row['direct_s']:.2f}s  "
+                f"  round {number}: direct {row['direct']['wall_s']:.2f}s  "
                 + "  ".join(f"{m} {row[m]['wall_s']:.2f}s ({row[m]['ratio']:.2f}x)" for m in modes)
             )
 
-    direct_s = spread([r["direct_s"] for r in rounds])
-    print(f"\nmedian (min-max) over {args.rounds} rounds")
-    print(f"{'side':<14} {'wall s':>20} {'images/s':>10} {'server/direct':>22} {'busy':>18} {'p50 s':>8} {'p95 s':>8}")
-    print(f"{'direct':<14} {fmt(direct_s):>20} {args.requests / direct_s['median']:>10.2f}")
+    direct_s = spread([r["direct"]["wall_s"] for r in rounds])
+    direct_busy = spread([r["direct"]["busy"] for r in rounds])
+    threads = (
+        f"{args.device_threads} torch thread(s) for the pipeline" if args.device_threads else "torch's own threads"
+    )
+    print(f"\nmedian (min-max) over {args.rounds} rounds; {threads}, on {os.cpu_count()} CPUs")
+    print(
+        f"{'side':<14} {'wall s':>18} {'images/s':>9} {'server/direct':>19} {'= pipeline':>19} {'x idle':>19} "
+        f"{'busy':>19} {'p50 s':>7} {'p95 s':>7}"
+    )
+    print(
+        f"{'direct':<14} {fmt(direct_s):>18} {args.requests / direct_s['median']:>9.2f} {'':>19} {'':>19} {'':>19} "
+        f"{fmt(direct_busy, '', 3):>19}"
+    )
     summary: dict[str, Any] = {
         "args": vars(args) | {"json": str(args.json or "")},
-        "direct_s": direct_s,
+        "cpus": os.cpu_count(),
+        "direct": {"wall_s": direct_s, "busy": direct_busy},
         "rounds": rounds,
     }
     for mode in modes:
-        wall = spread([r[mode]["wall_s"] for r in rounds])
-        ratio = spread([r[mode]["ratio"] for r in rounds])
-        busy = spread([r[mode]["busy"] for r in rounds])
+        figures = {
+            key: spread([r[mode][key] for r in rounds]) for key in ("wall_s", "ratio", "pipeline", "idle", "busy")
+        }
         p50 = statistics.median(r[mode]["p50_s"] for r in rounds)
         p95 = statistics.median(r[mode]["p95_s"] for r in rounds)
-        summary[mode] = {"wall_s": wall, "ratio": ratio, "busy": busy, "p50_s": p50, "p95_s": p95}
+        summary[mode] = {**figures, "p50_s": p50, "p95_s": p95}
         print(
-            f"{'QUEUE=' + mode:<14} {fmt(wall):>20} {args.requests / wall['median']:>10.2f} {fmt(ratio, 'x'):>22} "
-            f"{fmt(busy, '', 3):>18} {p50:>8.3f} {p95:>8.3f}"
+            f"{'QUEUE=' + mode:<14} {fmt(figures['wall_s']):>18} {args.requests / figures['wall_s']['median']:>9.2f} "
+            f"{fmt(figures['ratio'], 'x'):>19} {fmt(figures['pipeline'], 'x'):>19} {fmt(figures['idle'], 'x'):>19} "
+            f"{fmt(figures['busy'], '', 3):>19} {p50:>7.3f} {p95:>7.3f}"
         )
+    print(
+        "\nserver/direct = pipeline x idle. pipeline: the server's time inside pipeline calls over the direct "
+        "side's (the pipeline slowed by the server's own CPU work; a GPU doesn't share it). idle: the direct "
+        "side's busy fraction over the server's (the device waiting for the server)."
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
