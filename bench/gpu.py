@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -500,6 +501,7 @@ class Run:
         except Exception as exc:  # noqa: BLE001
             self.results["http"]["error"] = f"saving the model failed: {type(exc).__name__}: {exc}"
             self.flush()
+            shutil.rmtree(folder, ignore_errors=True)
             return
         size = args.size["sd15"]
         catalog = folder / "catalog.json"
@@ -533,8 +535,11 @@ class Run:
                     self.say(f"http batching {label}: FAILED {http[label]['error']}")
                 self.flush()
         finally:
-            for stack in stacks.values():
-                stack.__exit__(None, None, None)
+            for label, stack in stacks.items():
+                # A failed server keeps its folder (logs, database) for a look; the others go.
+                failed = "error" in http.get(label, {})
+                stack.__exit__(RuntimeError if failed else None, None, None)
+            shutil.rmtree(folder, ignore_errors=True)
         if "images_per_s" in http.get("on", {}) and "images_per_s" in http.get("off", {}):
             http["on_off_ratio"] = round(http["on"]["images_per_s"] / http["off"]["images_per_s"], 3)
             self.flush()

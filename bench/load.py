@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -196,7 +197,7 @@ class Stack:
                 time.sleep(0.2)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         for proc in reversed(self.procs):
             proc.terminate()
         for proc in self.procs:
@@ -204,6 +205,8 @@ class Stack:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if exc_type is None:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # kept after a failure: its logs say why
 
     @property
     def url(self) -> str:
