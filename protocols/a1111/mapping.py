@@ -18,7 +18,7 @@ from api.serializers import limits
 from api.services.requests import image_decode
 
 from ..common import Problem
-from .protocol import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, sampler_find, schedule_find
+from .protocol import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, Sampler, Schedule, sampler_find, schedule_find
 from .state import checkpoint_lookup, title_of
 
 # Native field name -> the A1111 field a client sent it as (the ``loc`` of a 422).
@@ -38,6 +38,34 @@ FIELD_NAMES: dict[str, tuple[str, ...]] = {
     "mask": ("mask",),
     "mask_blur": ("mask_blur",),
 }
+# The fields of A1111's own request models (StableDiffusionProcessing and its txt2img / img2img
+# subclasses, and the API's additions): the only keys ``parameters`` echoes. A1111's models drop
+# anything else, and so does the echo here: SillyTavern, for one, sends its connection's
+# ``url`` and ``auth`` (user:password, here the API key) in the body.
+ECHOED_FIELDS = frozenset(
+    (
+        "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+        "seed_resize_from_w", "seed_enable_extras", "sampler_name", "sampler_index", "scheduler", "batch_size",
+        "n_iter", "steps", "cfg_scale", "distilled_cfg_scale", "width", "height", "restore_faces", "tiling",
+        "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond", "s_churn",
+        "s_tmax", "s_tmin", "s_noise", "override_settings", "override_settings_restore_afterwards",
+        "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments",
+        "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+        "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+        "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg", "init_images", "resize_mode", "image_cfg_scale",
+        "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round", "inpainting_fill", "inpaint_full_res",
+        "inpaint_full_res_padding", "inpainting_mask_invert", "initial_noise_multiplier", "latent_mask",
+        "include_init_images", "script_name", "script_args", "send_images", "save_images", "alwayson_scripts",
+        "force_task_id", "infotext", "clip_skip",
+    )
+)  # fmt: skip
+
+
+def echoed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` of a txt2img / img2img answer: the request's A1111 fields, as sent."""
+    return {key: value for key, value in body.items() if key in ECHOED_FIELDS}
+
+
 # Native names that appear inside native messages, rewritten so the message names A1111's field.
 _RENAMES = {
     "guidance_scale": "cfg_scale",
@@ -89,21 +117,41 @@ def num_images(body: Mapping[str, Any]) -> tuple[int, int]:
     return batch_size, n_iter
 
 
+def _split_schedule(name: str) -> tuple[Sampler, Schedule] | None:
+    """A sampler name that ends in a schedule type, as before A1111 1.9 ("DPM++ SDE Karras",
+    "Euler a Karras"): A1111 strips the schedule's name, label or alias off the end, and it
+    wins over the ``scheduler`` field."""
+    words = name.split()
+    for cut in range(len(words) - 1, 0, -1):
+        sampler, schedule = sampler_find(" ".join(words[:cut])), schedule_find(" ".join(words[cut:]))
+        if sampler is not None and schedule is not None:
+            return sampler, schedule
+    return None
+
+
 def scheduler_of(body: Mapping[str, Any]) -> str:
     """The native scheduler for ``sampler_name`` (or the older ``sampler_index``) + ``scheduler``."""
     field = "sampler_name" if body.get("sampler_name") not in (None, "") else "sampler_index"
     name = body.get(field) or DEFAULT_SAMPLER
     sampler = sampler_find(name) if isinstance(name, str) else None
+    schedule: Schedule | None = None
+    if sampler is None and isinstance(name, str) and (split := _split_schedule(name)) is not None:
+        sampler, schedule = split
     if sampler is None:
         valid = ", ".join(s.name for s in SAMPLERS)
-        raise _refuse(field, f"{field} must be one of {valid} (or an A1111 alias), got {str(name)[:50]!r}")
-    schedule_name = body.get("scheduler")
-    if schedule_name in (None, ""):
-        return sampler.native
-    schedule = schedule_find(schedule_name) if isinstance(schedule_name, str) else None
+        raise _refuse(
+            field,
+            f"{field} must be one of {valid} (or an A1111 alias), optionally followed by a schedule type such as "
+            f"Karras, got {str(name)[:50]!r}",
+        )
     if schedule is None:
-        valid = ", ".join(c.name for c in SCHEDULES)
-        raise _refuse("scheduler", f"scheduler must be one of {valid}, got {str(schedule_name)[:50]!r}")
+        schedule_name = body.get("scheduler")
+        if schedule_name in (None, ""):
+            return sampler.native
+        schedule = schedule_find(schedule_name) if isinstance(schedule_name, str) else None
+        if schedule is None:
+            valid = ", ".join(c.name for c in SCHEDULES)
+            raise _refuse("scheduler", f"scheduler must be one of {valid}, got {str(schedule_name)[:50]!r}")
     if schedule.name == "karras" and sampler.karras:
         return sampler.karras
     return sampler.native
@@ -148,6 +196,13 @@ def to_native(body: Mapping[str, Any], *, endpoint: str, caller_model: str) -> t
     ):
         if body.get(a1111) is not None:
             fields[native] = body[a1111]
+    lo, hi = limits()["MIN_SIZE"], limits()["MAX_SIZE"]
+    for side in ("width", "height"):
+        value = fields.get(side)
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value - value % 8 <= hi:
+            # A1111 takes any size; its latent is size // 8, so the image comes out rounded down.
+            # A size out of bounds goes on as sent, to be refused naming the value the client sent.
+            fields[side] = value - value % 8
     batch_size, n_iter = num_images(body)
     fields["num_images"] = batch_size * n_iter
     fields["scheduler"] = scheduler_of(body)

@@ -158,6 +158,8 @@ class A1111Checkpoint(Shape):
 def _generation_fields(ref: Ref) -> dict[str, Any]:
     lim = limits()
     count = {"type": "integer", "minimum": 1, "maximum": lim["MAX_NUM_IMAGES"]}
+    any_size = {k: v for k, v in size_bounds(lim).items() if k != "multipleOf"}
+    rounded = "Rounded down to a multiple of 8, as A1111 does."
     return {
         "prompt": {
             "type": "string",
@@ -166,8 +168,8 @@ def _generation_fields(ref: Ref) -> dict[str, Any]:
             "description": "Required and not blank here (A1111 would run unconditioned).",
         },
         "negative_prompt": nullable({"type": "string", "maxLength": lim["MAX_PROMPT_CHARS"]}),
-        "width": nullable({**size_bounds(lim), "description": "Default: the model's size."}),
-        "height": nullable({**size_bounds(lim), "description": "Default: the model's size."}),
+        "width": nullable({**any_size, "description": "Default: the model's size. " + rounded}),
+        "height": nullable({**any_size, "description": "Default: the model's size. " + rounded}),
         "steps": nullable({"type": "integer", "minimum": 1, "maximum": lim["MAX_STEPS"]}),
         "cfg_scale": nullable({"type": "number", "minimum": lim["MIN_GUIDANCE"], "maximum": lim["MAX_GUIDANCE"]}),
         "seed": nullable({"type": "integer", "minimum": -1, "maximum": SEED_MAX, "description": "-1: random."}),

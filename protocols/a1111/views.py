@@ -24,7 +24,7 @@ from api.services.requests import RequestInvalid, image_decode
 
 from ..common import Problem, ProtocolView, generation_problem, json_body
 from . import protocol
-from .mapping import FIELD_NAMES, A1111Invalid, a1111_message, checkpoint_of, to_native
+from .mapping import FIELD_NAMES, A1111Invalid, a1111_message, checkpoint_of, echoed, to_native
 from .pnginfo import png_info
 from .state import checkpoint_get, checkpoint_set, title_of
 
@@ -130,7 +130,7 @@ class GenerateView(A1111View):
             if problem is not None:
                 raise problem
         images = [jobs.image_b64(image) for image in generation.images.all()] if not interrupted else []
-        parameters = dict(body)
+        parameters = echoed(body)
         if self.endpoint == "img2img" and not body.get("include_init_images"):
             # A1111 leaves the (large) input images out of the echo unless asked.
             parameters["init_images"] = None

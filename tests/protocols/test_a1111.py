@@ -390,3 +390,41 @@ def test_png_info_reads_back_what_a_generation_wrote(live_server, client):  # no
     assert plain.status_code == 200 and plain.json() == {"info": "", "items": {}, "parameters": {}}
     bad = requests.post(f"{live_server.url}/sdapi/v1/png-info", json={"image": "bm90IGFuIGltYWdl"}, timeout=60)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "image"]
+
+
+def test_old_sampler_names_that_carry_a_schedule_type_run(live_server):  # noqa: ANN001
+    """Before A1111 1.9 the schedule was part of the sampler's name ("DPM++ SDE Karras"); A1111
+    strips a trailing schedule type off the name, and so does this server."""
+    client = webuiapi.WebUIApi(baseurl=f"{live_server.url}/sdapi/v1")
+    expected = {
+        "DPM++ 2M Karras": "dpmpp_2m_karras",  # a name of its own
+        "DPM++ 2M  karras": "dpmpp_2m_karras",
+        "DPM++ SDE Karras": "dpmpp_2s",
+        "Euler a Karras": "euler_a",
+        "LMS Karras": "lms",
+        "DPM++ 2M Exponential": "dpmpp_2m",
+        "Euler SGM Uniform": "euler",
+    }
+    for name, native in expected.items():
+        out = client.txt2img(prompt="a fox", sampler_name=name, seed=1, **FAST)
+        assert len(out.images) == 1, name
+        assert Generation.objects.get(pk=out.info["generation_id"]).params["scheduler"] == native, name
+    # The name's schedule wins over the field, as in A1111.
+    out = client.txt2img(prompt="a fox", sampler_name="DPM++ 2M Karras", scheduler="normal", seed=1, **FAST)
+    assert Generation.objects.get(pk=out.info["generation_id"]).params["scheduler"] == "dpmpp_2m_karras"
+    r = requests.post(
+        f"{live_server.url}/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope Karras", **FAST}, timeout=30
+    )
+    assert r.status_code == 422 and "sampler_name" in r.text and "Nope Karras" in r.text
+
+
+def test_a_size_that_is_not_a_multiple_of_8_is_rounded_down_as_a1111_does(live_server):  # noqa: ANN001
+    client = webuiapi.WebUIApi(baseurl=f"{live_server.url}/sdapi/v1")
+    out = client.txt2img(prompt="a fox", width=70, height=93, steps=2, seed=1)
+    assert out.images[0].size == (64, 88)
+    assert (out.info["width"], out.info["height"]) == (64, 88)
+    assert (out.parameters["width"], out.parameters["height"]) == (70, 93)  # the request, as sent
+    # Below the minimum even after rounding: refused, naming the field, the limit and the value.
+    r = requests.post(f"{live_server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 7, "steps": 2}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "width"]
+    assert "got 7" in r.json()["detail"][0]["msg"] and "multiple of 8 between" in r.json()["detail"][0]["msg"]

@@ -17,6 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
+from api.auth import api_key_create
 from api.models import Generation, Status
 from tests.protocols.test_a1111 import fast_previews, wait_for
 
@@ -144,7 +145,9 @@ def test_sillytavern_connect_load_settings_set_model_and_generate(live_server): 
     data = r.json()
     with Image.open(io.BytesIO(base64.b64decode(data["images"][0]))) as img:  # saved as .png
         assert img.format == "PNG" and img.size == (64, 64)
-    assert data["parameters"]["url"] == st.url  # echoed as sent
+    # A1111's fields are echoed as sent; SillyTavern's own url and auth are not (A1111 drops them).
+    assert data["parameters"]["prompt"].endswith("a red fox in snow") and data["parameters"]["seed"] == 77
+    assert "url" not in data["parameters"] and "auth" not in data["parameters"]
     row = Generation.objects.get()
     assert (row.model_id, row.seed, row.params["scheduler"], row.params["num_images"]) == ("tiny-sdxl", 77, "ddim", 1)
     assert row.params["prompt"].endswith("a red fox in snow")
@@ -167,3 +170,15 @@ def test_sillytavern_stop_interrupts_the_running_job(live_server, monkeypatch): 
     assert row.status == Status.CANCELLED and row.params["steps"] == 150
     assert row.progress["step"] < 150
     assert st.set_model(st.get_model()) == 0  # and the server is idle again
+
+
+def test_the_api_key_sillytavern_sends_in_its_body_never_comes_back(live_server, settings):  # noqa: ANN001
+    """With a key required, SillyTavern's ``auth`` (user:key) is both its Basic header and a field
+    of the body it forwards; the answer's ``parameters`` must not hand the key back."""
+    settings.AUTH_REQUIRED = True
+    key_row, key = api_key_create(name="st")
+    st = SillyTavern(live_server.url, auth=f"user:{key}")
+    r = st.generate(st.body("a lighthouse", seed=5))
+    assert r.status_code == 200, r.text
+    assert key not in r.text and "auth" not in r.json()["parameters"]
+    assert Generation.objects.get().owner_id == key_row.pk
