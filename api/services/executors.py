@@ -148,6 +148,8 @@ class ThreadExecutor:
             log.warning("recovered jobs whose worker died: %s", outcome)
         for pk in outcome.get("requeued", []):
             self.submit(pk)
+        for pk in outcome.get("failed", []) + outcome.get("cancelled", []):
+            self.notify_finished(pk)  # a request waiting on it answers now, not at its timeout
         return outcome
 
     # -- Executor API ----------------------------------------------------------------------

@@ -226,28 +226,33 @@ def generation_cancel(*, generation: Generation) -> Generation:
             f"generation {generation.id} already finished with status {generation.status}; it can't be cancelled",
             code="already_finished",
         )
-    now = timezone.now()
-    # A queued job is cancelled on the spot: the claim in generation_execute then fails.
-    with transaction.atomic():
-        cancelled_queued = Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
-            status=Status.CANCELLED,
-            cancel_requested=True,
-            finished_at=now,
-            input_bytes=0,  # its inputs are removed below: no longer counted against a quota
-            error={"code": "cancelled", "message": "cancelled before it started"},
-        )
-        if cancelled_queued:
-            from .webhooks import schedule
+    # A job moves between queued and running under this (a claim; a recovery that sends a lost
+    # job back to the queue), so each try looks again until one of the two updates takes.
+    for _ in range(3):
+        # A queued job is cancelled on the spot: the claim in generation_execute then fails.
+        with transaction.atomic():
+            cancelled_queued = Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).update(
+                status=Status.CANCELLED,
+                cancel_requested=True,
+                finished_at=timezone.now(),
+                input_bytes=0,  # its inputs are removed below: no longer counted against a quota
+                error={"code": "cancelled", "message": "cancelled before it started"},
+            )
+            if cancelled_queued:
+                from .webhooks import schedule
 
-            schedule(generation.pk, Status.CANCELLED)
-    if cancelled_queued:
-        _remove_files(generation)
-        announce_change(generation.id)
-        get_executor().notify_finished(generation.id)
-    else:
+                schedule(generation.pk, Status.CANCELLED)
+        if cancelled_queued:
+            _remove_files(generation)
+            announce_change(generation.id)
+            get_executor().notify_finished(generation.id)
+            break
         # Running: the worker sees the flag at its next step and stops before decoding.
-        Generation.objects.filter(pk=generation.pk, status=Status.RUNNING).update(cancel_requested=True)
-        get_executor().request_cancel(generation.id)
+        if Generation.objects.filter(pk=generation.pk, status=Status.RUNNING).update(cancel_requested=True):
+            get_executor().request_cancel(generation.id)
+            break
+        if not Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).exists():
+            break  # finished (or deleted) meanwhile: nothing left to cancel
     try:
         generation.refresh_from_db()
         if generation.status == Status.RUNNING:
@@ -386,44 +391,56 @@ def generation_recover(
     rows = Generation.objects.filter(status=Status.RUNNING)
     if generation_ids is not None:
         rows = rows.filter(pk__in=generation_ids)
-    for row in rows.only("id", "worker", "attempts", "heartbeat_at", "started_at", "cancel_requested"):
-        if not is_orphaned(row):
-            continue
-        held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
-        now = timezone.now()
-        with transaction.atomic():
-            if row.cancel_requested:
-                key = "cancelled"
-                changed = held.update(
-                    status=Status.CANCELLED,
-                    finished_at=now,
-                    preview="",
-                    error={"code": "cancelled", "message": "cancelled while its worker was lost"},
-                )
-            elif row.attempts < max_attempts:
-                key = "requeued"
-                # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
-                changed = held.filter(cancel_requested=False).update(
-                    status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
-                )
-            else:
-                key = "failed"
-                message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
-                changed = held.update(
-                    status=Status.FAILED,
-                    finished_at=now,
-                    preview="",
-                    error={"code": "worker_lost", "message": message, "http_status": 500},
-                )
-            if changed:
-                if key != "requeued":
-                    from .webhooks import schedule
+    try:
+        for row in rows.only("id", "worker", "attempts", "heartbeat_at", "started_at", "cancel_requested"):
+            if not is_orphaned(row):
+                continue
+            held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
+            now = timezone.now()
+            with transaction.atomic():
+                if row.cancel_requested:
+                    key = "cancelled"
+                    changed = held.update(
+                        status=Status.CANCELLED,
+                        finished_at=now,
+                        preview="",
+                        error={"code": "cancelled", "message": "cancelled while its worker was lost"},
+                    )
+                elif row.attempts < max_attempts:
+                    key = "requeued"
+                    # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
+                    changed = held.filter(cancel_requested=False).update(
+                        status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
+                    )
+                else:
+                    key = "failed"
+                    message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
+                    changed = held.update(
+                        status=Status.FAILED,
+                        finished_at=now,
+                        preview="",
+                        error={"code": "worker_lost", "message": message, "http_status": 500},
+                    )
+                if changed:
+                    if key != "requeued":
+                        from .webhooks import schedule
 
-                    schedule(row.pk, Status.FAILED if key == "failed" else Status.CANCELLED)
-        if changed:
-            announce_change(row.pk)
-            # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
-            storage.delete_prefix(generation_dir(row.pk))
-            outcome[key].append(row.pk)
-            log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
+                        schedule(row.pk, Status.FAILED if key == "failed" else Status.CANCELLED)
+            if changed:
+                # Counted at once: the change is committed, and the caller must act on it (send a
+                # requeued job, wake a failed one's waiters) even if what follows fails.
+                outcome[key].append(row.pk)
+                announce_change(row.pk)
+                log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
+                try:
+                    # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
+                    storage.delete_prefix(generation_dir(row.pk))
+                except Exception:  # noqa: BLE001 - a retry overwrites its own files; the rest is left
+                    log.warning("generation %s: the lost attempt's files could not be removed", row.pk, exc_info=True)
+    except Exception:
+        if not any(outcome.values()):
+            raise
+        # The rows already changed are committed: the caller still acts on them; the rest
+        # waits for the next pass.
+        log.warning("a recovery pass stopped part way, after %s", outcome, exc_info=True)
     return outcome

@@ -139,9 +139,21 @@ def claim_companions(lead: Generation, worker: str, *, max_images: int, window_s
     database has it), so two workers never claim one row, and a row cancelled or claimed
     meanwhile is simply not among the claimed.
     """
+    claimed: list[Claimed] = []
+    try:
+        _look_for_companions(lead, worker, claimed, max_images=max_images, window_s=window_s)
+    except Exception:  # noqa: BLE001 - the lead (and whoever was claimed) runs without more company
+        log.warning("looking for companions of generation %s failed", lead.pk, exc_info=True)
+    return claimed
+
+
+def _look_for_companions(
+    lead: Generation, worker: str, claimed: list[Claimed], *, max_images: int, window_s: float
+) -> None:
+    """Round after round until the window closes, claims into ``claimed`` (which keeps what
+    earlier rounds took if a later one fails: those rows are already ``running``)."""
     key = batch_key(GenerationParams.from_dict(lead.params))
     room = max_images - int(lead.params.get("num_images") or 1)
-    claimed: list[Claimed] = []
     deadline = time.monotonic() + window_s
     seen: set[Any] = {lead.pk}
     while room > 0:
@@ -170,7 +182,6 @@ def claim_companions(lead: Generation, worker: str, *, max_images: int, window_s
         if room <= 0 or remaining <= 0:
             break
         time.sleep(min(remaining, 0.005))
-    return claimed
 
 
 def _claim_many(ids: list[Any], worker: str) -> list[Claimed]:
@@ -480,7 +491,9 @@ def execute(
     )
     if not claimed:
         return None
-    lead_row = Generation.objects.filter(pk=generation_id).first()
+    lead_row = with_db_retry(
+        lambda: Generation.objects.filter(pk=generation_id).first(), f"reading claimed generation {generation_id}"
+    )
     lead = Claimed(generation_id, {"worker": worker[:128], "attempts": lead_row.attempts if lead_row else 0})
     members = [lead]
     monitor = JobMonitor(members, cancel_flag)
