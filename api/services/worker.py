@@ -613,8 +613,9 @@ def _run(
     except Exception as exc:  # noqa: BLE001 - any bug becomes failed jobs, not a dead worker
         log.exception("generation of %s crashed", [str(m.claimed.id) for m in runnable])
         results = [exc] * len(batch)
+    finally:
+        metrics.pipeline_ended()  # even when the call is interrupted: the busy gauge must not drift
     run_s = time.perf_counter() - t0
-    metrics.pipeline_ended()
     for member, result in zip(runnable, results, strict=True):
         key = str(member.claimed.id)
         if isinstance(result, GenerationOutput):
