@@ -171,8 +171,12 @@ def _common(data: Mapping[str, Any], req: ImagesRequest) -> None:
     req.size = _get(data, "size")
     if size is not None:
         fields["width"], fields["height"] = size
-    req.response_format = _choice(data, "response_format", ("url", "b64_json"), "b64_json")
     fmt = _get(data, "output_format")
+    # OpenAI answers dall-e-2 and dall-e-3 with URLs unless asked otherwise (its quickstart reads
+    # data[0].url); the gpt-image models, and this server's own models, with base64.
+    named = data.get("model")
+    dall_e = isinstance(named, str) and named.startswith("dall-e") and fmt in (None, "", "png")
+    req.response_format = _choice(data, "response_format", ("url", "b64_json"), "url" if dall_e else "b64_json")
     if fmt in ("gif", "svg"):
         raise invalid(
             "output_format", f"output_format {fmt!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}"

@@ -155,11 +155,19 @@ def test_size_auto_is_the_model_default_and_wxh_sets_both(live_server):
 
 def test_alias_maps_to_its_target_and_catalogue_ids_are_used_as_they_are(live_server):
     client = client_for(live_server)
-    client.images.generate(prompt="fox", model="dall-e-3")
-    client.images.generate(prompt="fox", model="tiny-sdxl")
+    dall_e = client.images.generate(prompt="fox", model="dall-e-3")
+    own = client.images.generate(prompt="fox", model="tiny-sdxl")
     rows = Generation.objects.order_by("created_at")
     assert settings.OPENAI_MODEL_ALIASES["dall-e-3"] == settings.DEFAULT_MODEL
     assert [r.model_id for r in rows] == [settings.DEFAULT_MODEL, "tiny-sdxl"]
+    # As OpenAI answers them: a dall-e model with a URL by default (its quickstart reads
+    # data[0].url), any other with base64.
+    assert dall_e.data[0].b64_json is None and own.data[0].url is None
+    linked = httpx.get(dall_e.data[0].url, timeout=TIMEOUT)
+    assert linked.status_code == 200 and Image.open(io.BytesIO(linked.content)).size == (64, 64)
+    assert decoded(own.data[0].b64_json).size == (64, 64)
+    asked = client.images.generate(prompt="fox", model="dall-e-2", response_format="b64_json")
+    assert asked.data[0].url is None and decoded(asked.data[0].b64_json).size == (64, 64)
 
 
 def test_unknown_model_is_refused_listing_the_valid_ids(live_server):
