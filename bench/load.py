@@ -153,7 +153,8 @@ class Stack:
             # Off by default: the direct side runs one job per call, so this compares like with like.
             "BATCH_MAX_IMAGES": str(args.batch_max),
         }
-        if args.device_threads:
+        # The other benches' servers (bench/sse.py, bench/overload.py, bench/gpu.py) keep torch's default.
+        if getattr(args, "device_threads", 0):
             self.env["OMP_NUM_THREADS"] = str(args.device_threads)
         if mode == "celery":
             self.env["WEB_CONCURRENCY"] = str(args.web_processes)
