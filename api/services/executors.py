@@ -214,6 +214,9 @@ class ThreadExecutor:
                     # The database stayed out of reach through the claim's own tries: the row
                     # is still queued, and only this queue would ever hand it to the thread
                     # again. It waits in line for the database, instead of being forgotten.
+                    # (If the claim went through and only the read after it failed, the row is
+                    # running with no heartbeat: the next try finds it claimed, and recovery
+                    # sends it back to the queue.)
                     log.warning("generation %s waits for the database: %s", arg, exc)
                     self._queue.put((action, arg))
                     time.sleep(1.0)

@@ -251,7 +251,7 @@ def generation_cancel(*, generation: Generation) -> Generation:
         if Generation.objects.filter(pk=generation.pk, status=Status.RUNNING).update(cancel_requested=True):
             get_executor().request_cancel(generation.id)
             break
-        if not Generation.objects.filter(pk=generation.pk, status=Status.QUEUED).exists():
+        if not Generation.objects.filter(pk=generation.pk, status__in=[Status.QUEUED, Status.RUNNING]).exists():
             break  # finished (or deleted) meanwhile: nothing left to cancel
     try:
         generation.refresh_from_db()

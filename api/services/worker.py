@@ -142,8 +142,11 @@ def claim_companions(lead: Generation, worker: str, *, max_images: int, window_s
     claimed: list[Claimed] = []
     try:
         _look_for_companions(lead, worker, claimed, max_images=max_images, window_s=window_s)
-    except Exception:  # noqa: BLE001 - the lead (and whoever was claimed) runs without more company
+    except Exception as exc:  # noqa: BLE001 - the lead (and whoever was claimed) runs without more company
         log.warning("looking for companions of generation %s failed", lead.pk, exc_info=True)
+        if isinstance(exc, DB_UNAVAILABLE) and not connection.in_atomic_block:
+            with contextlib.suppress(DatabaseError):
+                connection.close()  # broken: the job's next query connects anew
     return claimed
 
 
@@ -569,7 +572,10 @@ def _run(
 ) -> None:
     rows = {str(lead_row.pk): lead_row}
     if len(claimed) > 1:
-        rows.update((str(r.pk), r) for r in Generation.objects.filter(pk__in=[c.id for c in claimed[1:]]))
+        companions = with_db_retry(
+            lambda: list(Generation.objects.filter(pk__in=[c.id for c in claimed[1:]])), "reading claimed companions"
+        )
+        rows.update((str(r.pk), r) for r in companions)
     members: list[_Member] = []
     for c in claimed:
         row = rows.get(str(c.id))

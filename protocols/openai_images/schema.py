@@ -122,7 +122,11 @@ class OpenAIOutputFormat(Shape):
 class OpenAIResponseFormat(Shape):
     @classmethod
     def json_schema(cls, ref: Ref) -> dict[str, Any]:
-        return {"type": "string", "enum": ["b64_json", "url"], "description": "Default: b64_json."}
+        return {
+            "type": "string",
+            "enum": ["b64_json", "url"],
+            "description": "Default: url for model dall-e-2 and dall-e-3 (as OpenAI), b64_json for any other model.",
+        }
 
 
 class OpenAIBackground(Shape):

@@ -170,3 +170,27 @@ def test_a_cancel_that_races_recovery_sending_the_job_back_to_the_queue_still_ca
     monkeypatch.setattr(QuerySet, "filter", filter)
     result = generation_cancel(generation=Generation.objects.get(pk=row.pk))
     assert raced and result.status == Status.CANCELLED and result.cancel_requested
+
+
+def test_a_cancel_that_races_recovery_and_a_new_claim_still_reaches_the_running_job(monkeypatch):
+    """Recovery requeues the job between the cancel's two updates, and a worker claims it again
+    before the cancel looks: the cancel finds it running and flags it."""
+    row = queued()
+    lost(row)
+    real_filter = QuerySet.filter
+    steps: list[str] = []
+
+    def filter(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.model is Generation and "pk" in kwargs:
+            if kwargs.get("status") == Status.RUNNING and not steps:
+                steps.append("requeued")
+                real_filter(Generation.objects.all(), pk=row.pk).update(status=Status.QUEUED, worker="")
+            elif "status__in" in kwargs and steps == ["requeued"]:
+                steps.append("claimed again")
+                real_filter(Generation.objects.all(), pk=row.pk).update(status=Status.RUNNING, worker="thread@new:2/y")
+        return real_filter(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuerySet, "filter", filter)
+    result = generation_cancel(generation=Generation.objects.get(pk=row.pk))
+    assert steps == ["requeued", "claimed again"]
+    assert result.status == Status.RUNNING and result.cancel_requested  # the worker stops at its next step
