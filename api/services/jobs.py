@@ -395,48 +395,19 @@ def generation_recover(
         for row in rows.only("id", "worker", "attempts", "heartbeat_at", "started_at", "cancel_requested"):
             if not is_orphaned(row):
                 continue
-            held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
-            now = timezone.now()
-            with transaction.atomic():
-                if row.cancel_requested:
-                    key = "cancelled"
-                    changed = held.update(
-                        status=Status.CANCELLED,
-                        finished_at=now,
-                        preview="",
-                        error={"code": "cancelled", "message": "cancelled while its worker was lost"},
-                    )
-                elif row.attempts < max_attempts:
-                    key = "requeued"
-                    # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
-                    changed = held.filter(cancel_requested=False).update(
-                        status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
-                    )
-                else:
-                    key = "failed"
-                    message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
-                    changed = held.update(
-                        status=Status.FAILED,
-                        finished_at=now,
-                        preview="",
-                        error={"code": "worker_lost", "message": message, "http_status": 500},
-                    )
-                if changed:
-                    if key != "requeued":
-                        from .webhooks import schedule
-
-                        schedule(row.pk, Status.FAILED if key == "failed" else Status.CANCELLED)
-            if changed:
-                # Counted at once: the change is committed, and the caller must act on it (send a
-                # requeued job, wake a failed one's waiters) even if what follows fails.
-                outcome[key].append(row.pk)
-                announce_change(row.pk)
-                log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
-                try:
-                    # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
-                    storage.delete_prefix(generation_dir(row.pk))
-                except Exception:  # noqa: BLE001 - a retry overwrites its own files; the rest is left
-                    log.warning("generation %s: the lost attempt's files could not be removed", row.pk, exc_info=True)
+            key = _recover_one(row, max_attempts)
+            if key is None:
+                continue
+            # Counted at once: the change is committed, and the caller must act on it (send a
+            # requeued job, wake a failed one's waiters) even if what follows fails.
+            outcome[key].append(row.pk)
+            announce_change(row.pk)
+            log.warning("generation %s: worker %s lost on attempt %s -> %s", row.pk, row.worker, row.attempts, key)
+            try:
+                # Whatever part of a batch the lost attempt wrote goes; a retry writes its own.
+                storage.delete_prefix(generation_dir(row.pk))
+            except Exception:  # noqa: BLE001 - a retry overwrites its own files; the rest is left
+                log.warning("generation %s: the lost attempt's files could not be removed", row.pk, exc_info=True)
     except Exception:
         if not any(outcome.values()):
             raise
@@ -444,3 +415,41 @@ def generation_recover(
         # waits for the next pass.
         log.warning("a recovery pass stopped part way, after %s", outcome, exc_info=True)
     return outcome
+
+
+def _recover_one(row: Generation, max_attempts: int) -> str | None:
+    """Cancel, requeue or fail one orphaned row, if it is still held by the same worker and
+    attempt; which of the three (the outcome's key), or None if the row had moved on."""
+    held = Generation.objects.filter(pk=row.pk, status=Status.RUNNING, worker=row.worker, attempts=row.attempts)
+    now = timezone.now()
+    with transaction.atomic():
+        if row.cancel_requested:
+            key = "cancelled"
+            changed = held.update(
+                status=Status.CANCELLED,
+                finished_at=now,
+                preview="",
+                error={"code": "cancelled", "message": "cancelled while its worker was lost"},
+            )
+        elif row.attempts < max_attempts:
+            key = "requeued"
+            # cancel_requested in the filter: a cancel that lands meanwhile is handled next pass.
+            changed = held.filter(cancel_requested=False).update(
+                status=Status.QUEUED, started_at=None, heartbeat_at=None, progress=None, preview=""
+            )
+        else:
+            key = "failed"
+            message = f"the worker running this job stopped without finishing it, {row.attempts} time(s); it is not retried again"
+            changed = held.update(
+                status=Status.FAILED,
+                finished_at=now,
+                preview="",
+                error={"code": "worker_lost", "message": message, "http_status": 500},
+            )
+        if not changed:
+            return None
+        if key != "requeued":
+            from .webhooks import schedule
+
+            schedule(row.pk, Status.FAILED if key == "failed" else Status.CANCELLED)
+    return key

@@ -21,7 +21,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -141,7 +141,8 @@ def claim_companions(lead: Generation, worker: str, *, max_images: int, window_s
     """
     claimed: list[Claimed] = []
     try:
-        _look_for_companions(lead, worker, claimed, max_images=max_images, window_s=window_s)
+        for taken in _companion_rounds(lead, worker, max_images=max_images, window_s=window_s):
+            claimed.extend(taken)  # kept if a later round fails: these rows are already running
     except Exception as exc:  # noqa: BLE001 - the lead (and whoever was claimed) runs without more company
         log.warning("looking for companions of generation %s failed", lead.pk, exc_info=True)
         if isinstance(exc, DB_UNAVAILABLE) and not connection.in_atomic_block:
@@ -150,11 +151,8 @@ def claim_companions(lead: Generation, worker: str, *, max_images: int, window_s
     return claimed
 
 
-def _look_for_companions(
-    lead: Generation, worker: str, claimed: list[Claimed], *, max_images: int, window_s: float
-) -> None:
-    """Round after round until the window closes, claims into ``claimed`` (which keeps what
-    earlier rounds took if a later one fails: those rows are already ``running``)."""
+def _companion_rounds(lead: Generation, worker: str, *, max_images: int, window_s: float) -> Iterator[list[Claimed]]:
+    """Round after round until the window closes or the batch is full: each round's claims."""
     key = batch_key(GenerationParams.from_dict(lead.params))
     room = max_images - int(lead.params.get("num_images") or 1)
     deadline = time.monotonic() + window_s
@@ -180,7 +178,7 @@ def _look_for_companions(
                 picked.append(pk)
                 room -= count
         if picked:
-            claimed.extend(_claim_many(picked, worker))
+            yield _claim_many(picked, worker)
         remaining = deadline - time.monotonic()
         if room <= 0 or remaining <= 0:
             break

@@ -196,7 +196,8 @@ def to_native(body: Mapping[str, Any], *, endpoint: str, caller_model: str) -> t
     ):
         if body.get(a1111) is not None:
             fields[native] = body[a1111]
-    lo, hi = limits()["MIN_SIZE"], limits()["MAX_SIZE"]
+    lim = limits()
+    lo, hi = lim["MIN_SIZE"], lim["MAX_SIZE"]
     for side in ("width", "height"):
         value = fields.get(side)
         if isinstance(value, int) and not isinstance(value, bool) and lo <= value - value % 8 <= hi:
